@@ -1,0 +1,22 @@
+"""Typed errors a user can cause; the CLI prints their message and exits non-zero (no traceback)."""
+from __future__ import annotations
+
+
+class HybridRayError(Exception):
+    """Base class: the message says what to change."""
+
+
+class ConfigError(HybridRayError):
+    """A cluster YAML is malformed; the message names the file and the key path."""
+
+
+class WorkloadError(HybridRayError):
+    """A workload file is malformed; the message names the file and the line."""
+
+
+class InfeasibleRequestError(HybridRayError):
+    """A request can never run on any replica (e.g. longer than every KV cache)."""
+
+    def __init__(self, message: str, request_ids: list[str]):
+        super().__init__(message)
+        self.request_ids = request_ids

@@ -1,0 +1,17 @@
+"""Load and check what every command needs: the cluster and the requests."""
+from __future__ import annotations
+
+from .config import ClusterSpec, load_cluster
+from .workload import Request, check_feasible, load_workload
+
+DEFAULT_CONFIG = "local"
+DEFAULT_WORKLOAD = "gsm8k"
+
+
+def load_inputs(config: str = DEFAULT_CONFIG, workload: str = DEFAULT_WORKLOAD, limit: int | None = None,
+                seed: int | None = None) -> tuple[ClusterSpec, list[Request]]:
+    """Cluster + requests, with every request checked to fit some replica before anything runs."""
+    cluster = load_cluster(config)
+    requests = load_workload(workload, limit=limit, seed=seed)
+    check_feasible(requests, [g.kv_capacity_tokens for g in cluster.groups])
+    return cluster, requests

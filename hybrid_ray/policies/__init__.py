@@ -1,0 +1,51 @@
+"""Named schedulers: `build_scheduler(name, cluster, requests)` gives the bundle a run uses."""
+from __future__ import annotations
+
+from ..config import ClusterSpec
+from ..workload import Request
+from .base import Scheduler
+from .chunked import ChunkedPrefill
+from .fcfs import FCFSPrefillFirst
+from .routing import LeastLoadedRouter, RoundRobinRouter
+
+
+def _knobs(cluster: ClusterSpec, name: str) -> dict:
+    return dict(cluster.policy.get(name, {}))
+
+
+def build_baseline(cluster: ClusterSpec, requests: list[Request]) -> Scheduler:
+    return Scheduler("baseline", LeastLoadedRouter(), lambda r: FCFSPrefillFirst())
+
+
+def build_round_robin(cluster: ClusterSpec, requests: list[Request]) -> Scheduler:
+    return Scheduler("round-robin", RoundRobinRouter(), lambda r: FCFSPrefillFirst())
+
+
+def build_chunked(cluster: ClusterSpec, requests: list[Request]) -> Scheduler:
+    budget = int(_knobs(cluster, "chunked").get("token_budget", 512))
+    return Scheduler("chunked", LeastLoadedRouter(), lambda r: ChunkedPrefill(budget))
+
+
+BUILDERS = {
+    "baseline": build_baseline,
+    "round-robin": build_round_robin,
+    "chunked": build_chunked,
+}
+
+DESCRIPTIONS = {
+    "baseline": "least-loaded routing + FCFS prefill-first continuous batching (vLLM v0 style)",
+    "round-robin": "round-robin routing + FCFS prefill-first",
+    "chunked": "least-loaded routing + Sarathi-style chunked prefill (token budget, vLLM v1 style)",
+}
+
+
+def policy_names() -> list[str]:
+    return list(BUILDERS)
+
+
+def build_scheduler(name: str, cluster: ClusterSpec, requests: list[Request]) -> Scheduler:
+    try:
+        builder = BUILDERS[name]
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r}; choose from {', '.join(BUILDERS)}") from None
+    return builder(cluster, requests)

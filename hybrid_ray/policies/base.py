@@ -1,0 +1,74 @@
+"""Protocols shared by every policy, and the Scheduler bundle the simulator and actors consume.
+
+Policies are pure: they read replica state (and a plan) and return decisions; no Ray, no clocks,
+no I/O. The simulator and the Ray actors call the very same objects.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from ..replica import Iteration, ReplicaState, Sequence
+from ..workload import Request
+
+
+class IterationPolicy(Protocol):
+    """Chooses a replica's next iteration (or None when it has nothing to do)."""
+
+    def schedule(self, replica: ReplicaState) -> Iteration | None: ...
+
+
+class Router(Protocol):
+    """Chooses a replica index for each newly arrived sequence (a batch arriving together)."""
+
+    def route(self, seqs: list[Sequence], replicas: list[ReplicaState]) -> list[int]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """Controller decision: move not-yet-started sequences between replicas."""
+
+    src: int
+    dst: int
+    count: int
+
+
+class Controller(Protocol):
+    """Watches load reports and moves queued work; also sees every completion."""
+
+    interval_s: float
+
+    def rebalance(self, replicas: list[ReplicaState], now: float) -> list[Move]: ...
+
+
+class Predictor(Protocol):
+    """Output-length prediction a policy may use (the true length stays hidden)."""
+
+    name: str
+
+    def predict(self, req: Request) -> int: ...
+
+
+class OraclePredictor:
+    """Lengths known in advance (the paper's offline setting)."""
+
+    name = "oracle"
+
+    def predict(self, req: Request) -> int:
+        return req.output_tokens
+
+
+@dataclass(slots=True)
+class Scheduler:
+    """Everything one named policy needs: routing, per-replica iteration policy, controller."""
+
+    name: str
+    router: Router
+    policy_factory: Callable[[ReplicaState], IterationPolicy]
+    controller: Controller | None = None
+    predictor: Predictor = field(default_factory=OraclePredictor)
+    lower_bound_s: float | None = None     # set by schedulers that plan (and by summaries)
+    info: dict = field(default_factory=dict)
+
+    def make_sequence(self, req: Request) -> Sequence:
+        return Sequence(req, self.predictor.predict(req))

@@ -1,0 +1,52 @@
+"""Sarathi-style chunked prefill: every iteration decodes all running sequences and fills the
+rest of a fixed token budget with prompt chunks (in-progress prompts first, then new ones FCFS).
+
+Decodes never stall for a whole prompt, which bounds inter-token latency; the price is that
+long prompts take several iterations. This is vLLM v1's default scheduler shape.
+"""
+from __future__ import annotations
+
+from ..replica import DECODE, MIXED, PREFILL, Iteration, ReplicaState, Sequence
+
+
+class ChunkedPrefill:
+    name = "chunked"
+
+    def __init__(self, token_budget: int = 512):
+        if token_budget < 1:
+            raise ValueError("token_budget must be >= 1")
+        self.token_budget = token_budget
+
+    def schedule(self, r: ReplicaState) -> Iteration | None:
+        limit = min(self.token_budget, r.max_batched_tokens)
+        budget = limit - len(r.running)
+        kv_free = r.kv_free - len(r.running)
+        chunks: list[tuple[Sequence, int]] = []
+        for s in r.prefilling.values():
+            if budget <= 0:
+                break
+            n = min(budget, s.prefill_target - s.prefilled)
+            if n + 1 > kv_free:
+                break
+            chunks.append((s, n))
+            budget -= n
+            kv_free -= n + 1
+        slots = r.free_slots
+        for s in r.waiting:
+            if budget <= 0 or slots <= 0:
+                break
+            n = min(budget, s.prefill_target)
+            if n + 1 > kv_free:
+                break
+            chunks.append((s, n))
+            budget -= n
+            kv_free -= n + 1
+            slots -= 1
+        if not chunks and not r.running and r.waiting and kv_free > 1:
+            s = r.waiting[0]   # budget smaller than the batch: still make progress
+            chunks.append((s, min(limit, s.prefill_target, kv_free - 1)))
+        if r.running:
+            return Iteration(MIXED if chunks else DECODE, chunks, decode=True)
+        if chunks:
+            return Iteration(PREFILL, chunks, decode=False)
+        return None

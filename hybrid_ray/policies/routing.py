@@ -1,0 +1,36 @@
+"""Routers: which replica a newly arrived request joins."""
+from __future__ import annotations
+
+import heapq
+
+from ..replica import ReplicaState, Sequence
+
+
+class RoundRobinRouter:
+    """Cycles through replicas in order, ignoring load."""
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def route(self, seqs: list[Sequence], replicas: list[ReplicaState]) -> list[int]:
+        out = [(self._next + k) % len(replicas) for k in range(len(seqs))]
+        self._next = (self._next + len(seqs)) % len(replicas)
+        return out
+
+
+class LeastLoadedRouter:
+    """Fewest outstanding requests (waiting + running), ties to the lowest index.
+
+    What a load balancer in front of vLLM replicas does (Ray Serve and vLLM's production router
+    route on queue length): it sees request counts, not the hidden output lengths.
+    """
+
+    def route(self, seqs: list[Sequence], replicas: list[ReplicaState]) -> list[int]:
+        heap = [(r.outstanding, r.index) for r in replicas]
+        heapq.heapify(heap)
+        out = []
+        for _ in seqs:
+            load, i = heap[0]
+            out.append(i)
+            heapq.heapreplace(heap, (load + 1, i))
+        return out

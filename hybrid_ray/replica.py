@@ -1,0 +1,336 @@
+"""One model replica's scheduling state: waiting queue, running batch, KV cache, one iteration at a time.
+
+Pure Python, no Ray, no clock: the simulator (virtual time) and ``ReplicaActor`` (real time) both
+drive this same object. A policy chooses an :class:`Iteration`; the replica validates it against
+the batch and KV limits (``begin``), an engine executes it, and ``complete`` applies its effect.
+
+Semantics (vLLM-like):
+
+* A prefill of a sequence's whole (remaining) prompt produces its first output token; a decode
+  iteration advances *every* running sequence by one token. A chunked prefill may split a
+  prompt over several iterations; the token comes with the last chunk.
+* A running sequence holds ``prompt + generated`` tokens of KV. Before a decode step needs more
+  KV than is free, the newest running sequence is preempted by *recompute* (vLLM's default):
+  it returns to the front of the waiting queue keeping its generated tokens, and its next
+  prefill recomputes ``prompt + generated`` tokens. Nothing is lost or finished twice.
+* Decode progress is tracked lazily (a global step counter and a heap of finish steps), so a
+  decode step costs O(finished * log B), not O(B): the simulator must run 100k requests fast.
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+from .config import ReplicaSpec
+from .costmodel import CostModel
+from .workload import Request
+
+WAITING, PREFILLING, RUNNING, FINISHED = 0, 1, 2, 3
+STATUS_NAMES = ("waiting", "prefilling", "running", "finished")
+
+PREFILL, DECODE, MIXED = "prefill", "decode", "mixed"
+
+
+class SchedulingError(RuntimeError):
+    """A policy produced an iteration that violates the replica's limits (a bug, not user input)."""
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    """A request's life on a replica. Policies read ``predicted_output``, never ``req.output_tokens``."""
+
+    req: Request
+    predicted_output: int
+    status: int = WAITING
+    generated: int = 0          # tokens generated as of decode step ``synced_step``
+    synced_step: int = 0
+    prefilled: int = 0          # tokens of the current (re)prefill already computed
+    first_token_s: float = -1.0
+    finish_s: float = -1.0
+    preemptions: int = 0
+    epoch: int = 0              # bumped on preemption: invalidates stale finish-heap entries
+    admit_order: int = 0        # when it last got a batch slot: the newest is preempted first
+    replica: str = ""
+
+    @property
+    def id(self) -> str:
+        return self.req.id
+
+    @property
+    def prefill_target(self) -> int:
+        """Tokens the next prefill must compute: the prompt, plus generated tokens after a recompute."""
+        return self.req.prompt_tokens + self.generated
+
+    @property
+    def started(self) -> bool:
+        """Any work done on it (a take-back would waste that work)."""
+        return self.generated > 0 or self.prefilled > 0 or self.status != WAITING
+
+
+@dataclass(slots=True)
+class Iteration:
+    """What a policy asks a replica to run next.
+
+    ``prefill`` lists (sequence, tokens) chunks; ``decode`` advances every running sequence by
+    one token; ``preempt`` lists running sequences the policy evicts first (recompute later).
+    The replica fills the cost features in ``begin``.
+    """
+
+    kind: str
+    prefill: list[tuple[Sequence, int]] = field(default_factory=list)
+    decode: bool = False
+    preempt: list[Sequence] = field(default_factory=list)
+    # cost features, set by ReplicaState.begin()
+    tokens: int = 0
+    attn_sq: int = 0
+    batch: int = 0
+    ctx_tokens: int = 0
+    resident: int = 0           # sequences holding a batch slot during the iteration
+
+    def duration(self, cost: CostModel) -> float:
+        if self.kind == DECODE:
+            return cost.decode_time(self.batch, self.ctx_tokens)
+        if self.kind == PREFILL:
+            return cost.prefill_time(self.tokens, self.attn_sq)
+        return cost.mixed_time(self.tokens, self.attn_sq, self.batch, self.ctx_tokens)
+
+
+@dataclass(slots=True)
+class IterationRecord:
+    start_s: float
+    end_s: float
+    kind: str
+    batch: int          # decoding sequences
+    prefills: int       # sequences prefilled (whole or chunk)
+    tokens: int         # prefill tokens
+    resident: int       # sequences holding a slot
+
+
+class ReplicaState:
+    """Waiting queue + running batch + KV of one replica. Deterministic, no I/O."""
+
+    def __init__(self, spec: ReplicaSpec):
+        g = spec.group
+        self.spec = spec
+        self.name = spec.name
+        self.index = spec.index
+        self.max_batch = g.max_batch_size
+        self.kv_capacity = g.kv_capacity_tokens
+        self.max_batched_tokens = g.max_batched_tokens
+        self.cost = g.cost_model
+        self.waiting: list[Sequence] = []          # next to serve at index 0
+        self.prefilling: dict[str, Sequence] = {}  # chunked prefill in progress (holds a slot)
+        self.running: dict[str, Sequence] = {}     # insertion order: newest last
+        self.step = 0                              # decode steps executed
+        self.kv_used = 0                           # tokens held by running + prefilling
+        self.waiting_dirty = False                 # set when the queue changed (sorters re-sort)
+        self.current: Iteration | None = None
+        self.busy_s = 0.0
+        self.records: list[IterationRecord] = []
+        self.finished: list[Sequence] = []
+        self.preempted_total = 0
+        self._heap: list[tuple[int, int, int, Sequence]] = []   # (finish_step, tiebreak, epoch, seq)
+        self._tiebreak = 0
+        self._admitted = 0
+
+    # -- views for policies -----------------------------------------------------------------
+    @property
+    def free_slots(self) -> int:
+        return self.max_batch - len(self.running) - len(self.prefilling)
+
+    @property
+    def kv_free(self) -> int:
+        return self.kv_capacity - self.kv_used
+
+    @property
+    def idle(self) -> bool:
+        return self.current is None
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.prefilling)
+
+    @property
+    def outstanding(self) -> int:
+        return len(self.waiting) + len(self.running) + len(self.prefilling)
+
+    def generated(self, s: Sequence) -> int:
+        """Tokens generated so far (running sequences advance lazily with ``step``)."""
+        if s.status == RUNNING:
+            return s.generated + self.step - s.synced_step
+        return s.generated
+
+    def remaining_predicted(self, s: Sequence) -> int:
+        return max(s.predicted_output - self.generated(s), 1)
+
+    # -- queue changes (router, controller) ---------------------------------------------------
+    def add(self, seqs: list[Sequence]) -> None:
+        for s in seqs:
+            s.replica = self.name
+            s.status = WAITING
+        self.waiting.extend(seqs)
+        self.waiting_dirty = True
+
+    def take_back(self, count: int, newest_first: bool = True) -> list[Sequence]:
+        """Remove up to ``count`` not-yet-started waiting sequences (for rebalancing)."""
+        out: list[Sequence] = []
+        order = range(len(self.waiting) - 1, -1, -1) if newest_first else range(len(self.waiting))
+        for i in order:
+            if len(out) >= count:
+                break
+            if not self.waiting[i].started:
+                out.append(self.waiting[i])
+        if out:
+            ids = {id(s) for s in out}
+            self.waiting = [s for s in self.waiting if id(s) not in ids]
+            self.waiting_dirty = True
+        return out
+
+    def drain_unfinished(self) -> list[Sequence]:
+        """Everything not finished, reset to be recomputed elsewhere (replica lost)."""
+        out = list(self.running.values()) + list(self.prefilling.values()) + self.waiting
+        for s in out:
+            s.generated = self.generated(s) if s.status == RUNNING else s.generated
+            s.status, s.prefilled = WAITING, 0
+            s.epoch += 1
+        self.running.clear(), self.prefilling.clear(), self._heap.clear()
+        self.waiting, self.kv_used, self.current = [], 0, None
+        return out
+
+    # -- one iteration ------------------------------------------------------------------------
+    def begin(self, it: Iteration) -> Iteration | None:
+        """Validate ``it`` against the limits, apply preemptions and admissions, set cost features.
+
+        Returns None if KV-pressure preemption left nothing to run (the policy is asked again).
+        """
+        for s in it.preempt:
+            self._preempt(s)
+        chunk_tokens = sum(n for _, n in it.prefill)
+        completing = sum(1 for s, n in it.prefill if s.prefilled + n >= s.prefill_target)
+        if it.decode:
+            while self.running and self.kv_used + len(self.running) + chunk_tokens + completing > self.kv_capacity:
+                victim = self._newest_admitted()
+                self._preempt(victim)
+                if victim.status == WAITING and any(v is victim for v, _ in it.prefill):
+                    it.prefill = [(v, n) for v, n in it.prefill if v is not victim]
+                chunk_tokens = sum(n for _, n in it.prefill)
+                completing = sum(1 for s, n in it.prefill if s.prefilled + n >= s.prefill_target)
+            if not self.running:
+                it.decode = False
+                it.kind = PREFILL
+        if not it.prefill and not it.decode:
+            return None                       # preemption emptied it: the caller asks the policy again
+        running_ctx = self.kv_used - sum(s.prefilled for s in self.prefilling.values())
+        tokens = attn = 0
+        admitted: list[Sequence] = []
+        for s, n in it.prefill:
+            if s.status == WAITING:
+                admitted.append(s)
+            elif s.status != PREFILLING:
+                raise SchedulingError(f"{self.name}: {s.id} is {STATUS_NAMES[s.status]}, cannot prefill")
+            if n <= 0 or s.prefilled + n > s.prefill_target:
+                raise SchedulingError(f"{self.name}: bad chunk {n} for {s.id} ({s.prefilled}/{s.prefill_target})")
+            attn += n * (s.prefilled + n)
+            tokens += n
+        if admitted:
+            ids = {id(s) for s in admitted}
+            self.waiting = [s for s in self.waiting if id(s) not in ids]
+            for s in admitted:
+                s.status = PREFILLING
+                self._admitted += 1
+                s.admit_order = self._admitted
+                self.prefilling[s.id] = s
+        self.kv_used += tokens
+        for s, n in it.prefill:
+            s.prefilled += n
+        if self.free_slots < 0:
+            raise SchedulingError(f"{self.name}: batch {self.max_batch - self.free_slots} > {self.max_batch}")
+        growth = len(self.running) if it.decode else 0
+        if self.kv_used + growth + completing > self.kv_capacity:
+            raise SchedulingError(f"{self.name}: KV {self.kv_used + growth + completing} > {self.kv_capacity}")
+        budget = max(self.max_batched_tokens, it.prefill[0][1] if it.prefill else 0)
+        if tokens + growth > budget and it.kind != DECODE:
+            raise SchedulingError(f"{self.name}: {tokens + growth} tokens > budget {budget}")
+        it.tokens, it.attn_sq = tokens, attn
+        it.batch = len(self.running) if it.decode else 0
+        it.ctx_tokens = running_ctx if it.decode else 0
+        it.resident = len(self.running) + len(self.prefilling)
+        self.current = it
+        return it
+
+    def complete(self, it: Iteration, start_s: float, end_s: float) -> list[Sequence]:
+        """Apply the finished iteration at ``end_s``; return the sequences that finished."""
+        done: list[Sequence] = []
+        if it.decode:
+            self.step += 1
+            self.kv_used += len(self.running)
+            heap = self._heap
+            while heap and heap[0][0] <= self.step:
+                _, _, epoch, s = heapq.heappop(heap)
+                if s.epoch == epoch and s.status == RUNNING:
+                    del self.running[s.id]
+                    s.generated = s.req.output_tokens
+                    self._finish(s, end_s)
+                    done.append(s)
+        for s, _ in it.prefill:
+            if s.prefilled < s.prefill_target:
+                continue                      # more chunks to come
+            del self.prefilling[s.id]
+            s.generated += 1                  # the prefill yields the next token
+            s.prefilled = 0
+            if s.first_token_s < 0:
+                s.first_token_s = end_s
+            self.kv_used += 1
+            if s.generated >= s.req.output_tokens:
+                self._finish(s, end_s)
+                done.append(s)
+                continue
+            s.status, s.synced_step = RUNNING, self.step
+            self.running[s.id] = s
+            self._tiebreak += 1
+            heapq.heappush(self._heap, (self.step + s.req.output_tokens - s.generated, self._tiebreak, s.epoch, s))
+        self.busy_s += end_s - start_s
+        self.records.append(IterationRecord(start_s, end_s, it.kind, it.batch, len(it.prefill), it.tokens,
+                                            it.resident))
+        self.current = None
+        return done
+
+    def finish_early(self, s: Sequence, now: float) -> None:
+        """An engine stopped a sequence before its max tokens (EOS); frees its slot and KV."""
+        if s.status != RUNNING:
+            return
+        s.generated = self.generated(s)
+        del self.running[s.id]
+        s.epoch += 1
+        self._finish(s, now)
+
+    # -- internals ----------------------------------------------------------------------------
+    def _newest_admitted(self) -> Sequence:
+        newest = self.running[next(reversed(self.running))]
+        for s in self.prefilling.values():
+            if s.admit_order > newest.admit_order:
+                newest = s
+        return newest
+
+    def _finish(self, s: Sequence, now: float) -> None:
+        self.kv_used -= s.req.prompt_tokens + s.generated
+        s.status, s.finish_s = FINISHED, now
+        self.finished.append(s)
+
+    def _preempt(self, s: Sequence) -> None:
+        """Recompute preemption: free the KV, keep generated tokens, requeue at the front."""
+        if s.status == RUNNING:
+            s.generated = self.generated(s)
+            del self.running[s.id]
+            self.kv_used -= s.req.prompt_tokens + s.generated
+        elif s.status == PREFILLING:
+            del self.prefilling[s.id]
+            self.kv_used -= s.prefilled
+        else:
+            raise SchedulingError(f"{self.name}: cannot preempt {s.id} ({STATUS_NAMES[s.status]})")
+        s.status, s.prefilled = WAITING, 0
+        s.epoch += 1
+        s.preemptions += 1
+        self.preempted_total += 1
+        self.waiting.insert(0, s)
+        self.waiting_dirty = True

@@ -1,0 +1,69 @@
+"""The command line: default run, JSON keys, help texts, clear errors without tracebacks."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hybrid_ray.cli import main
+
+JSON_KEYS = {"makespan_s", "utilization_busy", "utilization_slots", "requests_completed", "requests_total",
+             "throughput_tok_s", "ttft_p50_s", "ttft_p99_s", "policy", "config"}
+
+
+def test_default_run_completes_gsm8k(tmp_path, capsys):
+    out = tmp_path / "m.json"
+    assert main(["--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert JSON_KEYS <= set(data)
+    assert data["requests_completed"] == data["requests_total"] == 1319
+    assert data["policy"] == "baseline" and data["config"].endswith("local.yaml")
+    assert 0 < data["utilization_slots"] <= data["utilization_busy"] <= 1
+    assert data["wall_s"] < 10
+    text = capsys.readouterr().out
+    assert "total inference time" in text and "1319/1319 completed" in text
+
+
+def test_simulate_json_matches_metrics(tmp_path):
+    out = tmp_path / "p.json"
+    assert main(["simulate", "--config", "paper_llama65b", "--policy", "chunked", "--limit", "200",
+                 "--seed", "3", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["requests_total"] == 200 and data["policy"] == "chunked"
+    assert data["throughput_tok_s"] == pytest.approx(data["output_tokens"] / data["makespan_s"])
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["simulate", "--config", "nope"], "bundled configs"),
+    (["simulate", "--workload", "nope"], "gsm8k"),
+])
+def test_user_errors_are_one_line(args, needle, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hybrid-ray: error:") and needle in err and "Traceback" not in err
+
+
+def test_infeasible_request_named(tmp_path, capsys):
+    wl = tmp_path / "w.jsonl"
+    wl.write_text('{"id": "ok", "prompt_tokens": 10, "output_tokens": 5}\n'
+                  '{"id": "huge", "prompt_tokens": 5000, "output_tokens": 5}\n')
+    assert main(["simulate", "--config", "paper_llama65b", "--workload", str(wl)]) == 2
+    err = capsys.readouterr().err
+    assert "huge" in err and "ok (" not in err and "4400" in err
+
+
+def test_help_lists_every_option():
+    out = subprocess.run([sys.executable, "-m", "hybrid_ray.cli", "simulate", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    for opt in ("--config", "--workload", "--policy", "--seed", "--limit", "--json", "baseline", "chunked"):
+        assert opt in out
+
+
+def test_fit_cost_model_command(capsys):
+    from pathlib import Path
+    prof = Path(__file__).resolve().parents[1].parent / "shared/data/profiles/h100_measured/h100_llama-7b.csv"
+    if not prof.exists():
+        pytest.skip("shared profiles absent")
+    assert main(["fit-cost-model", str(prof)]) == 0
+    out = capsys.readouterr().out
+    assert "cost_model:" in out and "per_ctx_token_s" in out and "max 6.1 %" in out
