@@ -11,7 +11,8 @@ Why this form (fitted on the measured H100 profiles in ``shared/data/profiles``)
   and compute bound for long ones, plus causal attention, quadratic in each prompt's length::
 
       prefill(T, A) = max(floor, base + per_token * T) + per_token_sq * A
-      T = sum of prompt tokens,  A = sum of L_i * (prefix_i + L_i)   (= L_i^2 without prefix)
+      T = sum of prompt tokens,  A = sum of c_i * (2 * prefix_i + c_i) over the chunks c_i
+      (a whole prompt is one chunk with no prefix: L_i^2; the chunks of a prompt sum to L_i^2)
 
 * A mixed (chunked-prefill) iteration runs the chunks and one token of every decoding sequence
   through the same weights: it costs at least the decode alone, and when the chunk makes it

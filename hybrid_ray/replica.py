@@ -230,7 +230,7 @@ class ReplicaState:
                 raise SchedulingError(f"{self.name}: {s.id} is {STATUS_NAMES[s.status]}, cannot prefill")
             if n <= 0 or s.prefilled + n > s.prefill_target:
                 raise SchedulingError(f"{self.name}: bad chunk {n} for {s.id} ({s.prefilled}/{s.prefill_target})")
-            attn += n * (s.prefilled + n)
+            attn += n * (2 * s.prefilled + n)   # chunks telescope: sum = L^2 of the whole prompt
             tokens += n
         if admitted:
             ids = {id(s) for s in admitted}

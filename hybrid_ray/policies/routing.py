@@ -34,3 +34,19 @@ class LeastLoadedRouter:
             out.append(i)
             heapq.heapreplace(heap, (load + 1, i))
         return out
+
+
+class PlanRouter:
+    """Sends planned requests where the offline plan put them; others to ``fallback``."""
+
+    def __init__(self, assignment: dict[str, int], fallback) -> None:
+        self.assignment = assignment
+        self.fallback = fallback
+
+    def route(self, seqs: list[Sequence], replicas: list[ReplicaState]) -> list[int]:
+        out = [self.assignment.get(s.id, -1) for s in seqs]
+        rest = [s for s, t in zip(seqs, out) if t < 0]
+        if rest:
+            it = iter(self.fallback.route(rest, replicas))
+            out = [t if t >= 0 else next(it) for t in out]
+        return out
