@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from .config import ReplicaSpec
 from .costmodel import CostModel
+from .planner.estimate import sequence_work
 from .workload import Request
 
 WAITING, PREFILLING, RUNNING, FINISHED = 0, 1, 2, 3
@@ -50,6 +51,7 @@ class Sequence:
     preemptions: int = 0
     epoch: int = 0              # bumped on preemption: invalidates stale finish-heap entries
     admit_order: int = 0        # when it last got a batch slot: the newest is preempted first
+    work_s: float = 0.0         # predicted replica-seconds on its replica (planner.estimate)
     replica: str = ""
 
     @property
@@ -93,6 +95,29 @@ class Iteration:
         if self.kind == PREFILL:
             return cost.prefill_time(self.tokens, self.attn_sq)
         return cost.mixed_time(self.tokens, self.attn_sq, self.batch, self.ctx_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadReport:
+    """What a replica tells the router and controller (and what a ReplicaActor streams).
+
+    ``predicted_finish_s`` = now + predicted remaining work (queued + running), from the same
+    per-request estimate the planner packs with.
+    """
+
+    index: int
+    name: str
+    now: float
+    waiting: int
+    running: int
+    movable: int                 # waiting sequences never started (may be moved)
+    queued_work_s: float
+    running_work_s: float
+    predicted_finish_s: float
+
+    @property
+    def outstanding(self) -> int:
+        return self.waiting + self.running
 
 
 @dataclass(slots=True)
@@ -163,11 +188,38 @@ class ReplicaState:
     def remaining_predicted(self, s: Sequence) -> int:
         return max(s.predicted_output - self.generated(s), 1)
 
+    def estimate(self, prompt: int, output: int) -> float:
+        """Predicted replica-seconds of a request on this replica."""
+        return sequence_work(self.cost, self.max_batch, self.kv_capacity, prompt, output)
+
+    def report(self, now: float) -> LoadReport:
+        """Snapshot of the load for routing and rebalancing (O(queue + batch))."""
+        queued = movable = 0
+        q_work = 0.0
+        for s in self.waiting:
+            queued += 1
+            if s.started:
+                q_work += self.estimate(s.prefill_target, max(s.predicted_output - s.generated, 1))
+            else:
+                movable += 1
+                q_work += s.work_s
+        d = self.cost.decode
+        per_token = d.base_s / self.max_batch + d.per_seq_s
+        r_tokens = 0
+        for s in self.running.values():
+            r_tokens += self.remaining_predicted(s)
+        for s in self.prefilling.values():
+            r_tokens += self.remaining_predicted(s)
+        r_work = r_tokens * per_token
+        return LoadReport(self.index, self.name, now, queued, len(self.running) + len(self.prefilling), movable,
+                          q_work, r_work, now + q_work + r_work)
+
     # -- queue changes (router, controller) ---------------------------------------------------
     def add(self, seqs: list[Sequence]) -> None:
         for s in seqs:
             s.replica = self.name
             s.status = WAITING
+            s.work_s = self.estimate(s.req.prompt_tokens, s.predicted_output)
         self.waiting.extend(seqs)
         self.waiting_dirty = True
 

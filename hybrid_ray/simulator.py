@@ -92,7 +92,7 @@ class Simulator:
                     j += 1
                 batch = seqs[k:j]
                 k = j
-                targets = sch.router.route(batch, replicas)
+                targets = sch.router.route(batch, [r.report(now) for r in replicas])
                 groups: dict[int, list[Sequence]] = {}
                 for s, t in zip(batch, targets):
                     groups.setdefault(t, []).append(s)
@@ -106,7 +106,7 @@ class Simulator:
             r.complete(r.current, starts[i], now)
             if ctrl is not None and now >= next_ctrl:
                 next_ctrl = now + ctrl.interval_s
-                ms = ctrl.rebalance(replicas, now)
+                ms = ctrl.rebalance([r.report(now) for r in replicas], now)
                 if ms:
                     moves += sum(m.count for m in ms)
                     for t in apply_moves(replicas, ms):

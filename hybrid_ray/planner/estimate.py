@@ -53,6 +53,17 @@ def request_work(group: ReplicaGroupSpec, prompt: np.ndarray, output: np.ndarray
     return prefill_alone(group.cost_model, prompt) + decode_share(group.cost_model, prompt, output, b)
 
 
+def sequence_work(cost: CostModel, max_batch: int, kv_capacity: int, prompt: int, output: int) -> float:
+    """Scalar ``request_work`` for one sequence (hot path: no numpy); batch capped by KV."""
+    b = min(float(max_batch), kv_capacity / (prompt + output / 2.0 + 1.0))
+    b = b if b > 1.0 else 1.0
+    p, d = cost.prefill, cost.decode
+    lin = p.base_s + p.per_token_s * prompt
+    pre = (lin if lin > p.floor_s else p.floor_s) + p.per_token_sq_s * prompt * prompt
+    steps = output - 1 if output > 1 else 0
+    return pre + steps * (d.base_s / b + d.per_seq_s) + d.per_ctx_token_s * (steps * prompt + steps * (steps + 1) / 2.0)
+
+
 def work_matrix(cluster: ClusterSpec, prompt: np.ndarray, output: np.ndarray) -> np.ndarray:
     """work[g, j]: request j's estimated seconds on a replica of group g."""
     return np.stack([request_work(g, prompt, output) for g in cluster.groups])

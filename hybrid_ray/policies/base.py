@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from ..replica import Iteration, ReplicaState, Sequence
+from ..replica import Iteration, LoadReport, ReplicaState, Sequence
 from ..workload import Request
 
 
@@ -19,9 +19,12 @@ class IterationPolicy(Protocol):
 
 
 class Router(Protocol):
-    """Chooses a replica index for each newly arrived sequence (a batch arriving together)."""
+    """Chooses a replica index for each newly arrived sequence (a batch arriving together).
 
-    def route(self, seqs: list[Sequence], replicas: list[ReplicaState]) -> list[int]: ...
+    It sees the replicas only through their latest load reports, as a Ray driver would.
+    """
+
+    def route(self, seqs: list[Sequence], loads: list[LoadReport]) -> list[int]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,11 +37,11 @@ class Move:
 
 
 class Controller(Protocol):
-    """Watches load reports and moves queued work; also sees every completion."""
+    """Watches load reports (every ``interval_s``) and moves not-yet-started work."""
 
     interval_s: float
 
-    def rebalance(self, replicas: list[ReplicaState], now: float) -> list[Move]: ...
+    def rebalance(self, loads: list[LoadReport], now: float) -> list[Move]: ...
 
 
 class Predictor(Protocol):

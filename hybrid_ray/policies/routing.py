@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import heapq
 
-from ..replica import ReplicaState, Sequence
+from ..replica import LoadReport, Sequence
 
 
 class RoundRobinRouter:
@@ -12,9 +12,9 @@ class RoundRobinRouter:
     def __init__(self) -> None:
         self._next = 0
 
-    def route(self, seqs: list[Sequence], replicas: list[ReplicaState]) -> list[int]:
-        out = [(self._next + k) % len(replicas) for k in range(len(seqs))]
-        self._next = (self._next + len(seqs)) % len(replicas)
+    def route(self, seqs: list[Sequence], loads: list[LoadReport]) -> list[int]:
+        out = [(self._next + k) % len(loads) for k in range(len(seqs))]
+        self._next = (self._next + len(seqs)) % len(loads)
         return out
 
 
@@ -25,8 +25,8 @@ class LeastLoadedRouter:
     route on queue length): it sees request counts, not the hidden output lengths.
     """
 
-    def route(self, seqs: list[Sequence], replicas: list[ReplicaState]) -> list[int]:
-        heap = [(r.outstanding, r.index) for r in replicas]
+    def route(self, seqs: list[Sequence], loads: list[LoadReport]) -> list[int]:
+        heap = [(r.outstanding, r.index) for r in loads]
         heapq.heapify(heap)
         out = []
         for _ in seqs:
@@ -43,10 +43,10 @@ class PlanRouter:
         self.assignment = assignment
         self.fallback = fallback
 
-    def route(self, seqs: list[Sequence], replicas: list[ReplicaState]) -> list[int]:
+    def route(self, seqs: list[Sequence], loads: list[LoadReport]) -> list[int]:
         out = [self.assignment.get(s.id, -1) for s in seqs]
         rest = [s for s, t in zip(seqs, out) if t < 0]
         if rest:
-            it = iter(self.fallback.route(rest, replicas))
+            it = iter(self.fallback.route(rest, loads))
             out = [t if t >= 0 else next(it) for t in out]
         return out
