@@ -138,7 +138,8 @@ EXACT_REL_GAP = 1e-7  # exact mode stops within 1e-7 of its bound (reported FEAS
 MULTIFIT_MAX_JOBS = 5_000  # pack(): run multifit only up to this many jobs (O(iter * n log m))
 KK_MAX_CELLS = 200_000  # pack(): run KK only while n * m stays below this (O(n m log m))
 _MAX_ACTIVITY = 2.0**60  # keep every CP-SAT linear expression far from int64 overflow
-_COEF_SHRINK = 1.0 - 1e-12  # applied before floor() so float division never rounds a coefficient up
+_COEF_SHRINK = 1.0 - 1e-14  # applied before floor() so float division never rounds a coefficient up
+_INT_MAX_TOTAL = 2.0**50  # integral work on identical machines is modelled in work units, unscaled
 _EPS = float(np.finfo(np.float64).eps)
 
 
@@ -433,8 +434,9 @@ def pack_kk(work: np.ndarray, speeds: np.ndarray) -> PackResult:
 class _Model:
     """The integer model in arrays (see module docstring), before it is handed to CP-SAT."""
 
-    exact: bool
-    tau: float
+    exact: bool  # lossless types (one per distinct work value), no fluid
+    tau: float  # seconds of makespan per model unit
+    loss: int  # model T can undercut the float makespan / tau by at most this many units
     members: list[np.ndarray]  # job ids per type (exact: equal work; aggregated: desc work)
     counts: np.ndarray  # c_t
     p: np.ndarray  # (types, m) int64 units
@@ -451,8 +453,15 @@ def _build(w: np.ndarray, s: np.ndarray, lb: float) -> _Model:
     activity_cap = _MAX_ACTIVITY / (math.fsum(s.tolist()) / float(s.min()))
     vals, inv = np.unique(w[pos], return_inverse=True)
     if vals.size * m <= EXACT_MAX_VARS:
-        U = min(EXACT_RESOLUTION_PER_JOB * max(1, pos.size), EXACT_RESOLUTION_MAX, activity_cap)
-        tau = lb / U
+        integral = (
+            _identical(s) and bool(np.all(vals == np.round(vals)))
+            and math.fsum(w[pos].tolist()) <= _INT_MAX_TOTAL
+        )
+        if integral:  # e.g. token counts: one unit = one unit of work, no rounding at all
+            tau, loss = 1.0 / float(s[0]), 0
+        else:
+            U = min(EXACT_RESOLUTION_PER_JOB * max(1, pos.size), EXACT_RESOLUTION_MAX, activity_cap)
+            tau, loss = lb / U, int(pos.size)
         by_type = np.argsort(inv, kind="stable")
         bounds = np.searchsorted(inv[by_type], np.arange(vals.size + 1))
         members = [pos[by_type[bounds[t]:bounds[t + 1]]] for t in range(vals.size)]
@@ -462,7 +471,7 @@ def _build(w: np.ndarray, s: np.ndarray, lb: float) -> _Model:
         exact = True
     else:
         U = min(AGG_RESOLUTION, activity_cap)
-        tau = lb / U
+        tau, loss = lb / U, int(pos.size)
         pw = w[pos]
         order = np.argsort(-pw, kind="stable")
         pos_sorted, pw_sorted = pos[order], pw[order]
@@ -482,9 +491,12 @@ def _build(w: np.ndarray, s: np.ndarray, lb: float) -> _Model:
         w_small = math.fsum(pw_sorted[n_big:].tolist())
         fluid = max(0, int(math.floor(w_small / g)) - m - 1)
         exact = False
-    p = np.floor(reps[:, None] / (s[None, :] * tau) * _COEF_SHRINK).astype(np.int64)
+    if exact and loss == 0:
+        p = np.repeat(np.round(reps).astype(np.int64)[:, None], m, axis=1)
+    else:
+        p = np.floor(reps[:, None] / (s[None, :] * tau) * _COEF_SHRINK).astype(np.int64)
     counts = np.array([len(x) for x in members], dtype=np.int64)
-    return _Model(exact, tau, members, counts, p, small, g, q, fluid)
+    return _Model(exact, tau, loss, members, counts, p, small, g, q, fluid)
 
 
 def _speed_groups(s: np.ndarray) -> list[np.ndarray]:
@@ -526,11 +538,18 @@ def _hint_values(
     return y[:, perm], f[perm]
 
 
-def _t_lo(md: _Model, s: np.ndarray) -> int:
-    """A valid lower bound on T for the integer model (max of two bounds, see docstring)."""
+def _t_lo(md: _Model, s: np.ndarray, lb: float) -> int:
+    """A valid lower bound on T for the integer model (see docstring).
+
+    In exact mode every float assignment A has T(A) >= C(A) / tau - loss, hence the analytic
+    bound carries over; the fluid of aggregated mode may split jobs, so there only the volume
+    and the largest-item terms (which hold for the relaxation itself) are used.
+    """
     lo = 0
+    if md.exact:
+        lo = max(0, math.ceil(lb / md.tau * _COEF_SHRINK) - md.loss)
     if md.p.shape[0]:
-        lo = int(md.p.min(axis=1).max())
+        lo = max(lo, int(md.p.min(axis=1).max()))
         vol = float((md.counts * (md.p * s[None, :]).min(axis=1)).sum())
     else:
         vol = 0.0
@@ -573,7 +592,7 @@ def pack_cpsat(
     types = len(md.members)
     y_h, f_h = _hint_values(md, w, s, hint, groups)
     loads_h = _model_loads(md, y_h, f_h)
-    t_lo = _t_lo(md, s)
+    t_lo = _t_lo(md, s, lb)
     t_hi = max(int(loads_h.max()), t_lo)
 
     model = cp_model.CpModel()
@@ -622,7 +641,7 @@ def pack_cpsat(
     prm.random_seed = int(seed)
     prm.interleave_search = True
     prm.log_search_progress = False
-    abs_gap = float(max(1, int(md.counts.sum())))  # n units: below the rounding noise
+    abs_gap = md.loss + 2.0 if md.loss else 0.5  # below the rounding noise (exact if integral)
     prm.absolute_gap_limit = abs_gap
     prm.relative_gap_limit = EXACT_REL_GAP if md.exact else AGG_REL_GAP
     st = solver.solve(model)
