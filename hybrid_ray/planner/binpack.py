@@ -134,6 +134,7 @@ AGG_MAX_VARS = 4_096  # aggregated mode: at most this many y_tm variables
 AGG_CLASS_EPS = 1e-3  # relative width of a large-job class
 AGG_RESOLUTION = 1e9
 AGG_REL_GAP = 1e-4
+SYMMETRY_BREAKING = "loads"
 EXACT_REL_GAP = 1e-7  # exact mode stops within 1e-7 of its bound (reported FEASIBLE unless closed)
 MULTIFIT_MAX_JOBS = 5_000  # pack(): run multifit only up to this many jobs (O(iter * n log m))
 KK_MAX_CELLS = 200_000  # pack(): run KK only while n * m stays below this (O(n m log m))
@@ -531,11 +532,19 @@ def _hint_values(
         if excess < 0:  # float edge case: top up the least loaded machine (hint may be infeasible)
             f[int(np.argmin(f))] -= excess
     loads = _model_loads(md, y, f)
-    perm = np.arange(m)
-    for grp in groups:
-        srt = grp[np.argsort(-loads[grp], kind="stable")]
-        perm[grp] = srt  # model machine grp[i] takes the hint's machine srt[i]
+    perm = np.arange(m)  # model machine k takes the hint's machine perm[k]
+    if SYMMETRY_BREAKING == "loads":
+        for grp in groups:
+            perm[grp] = grp[np.argsort(-loads[grp], kind="stable")]
+    elif SYMMETRY_BREAKING == "largest" and types:
+        holder = int(np.flatnonzero(y[_largest_type(md)] > 0)[0])
+        grp = next(g for g in groups if holder in g)
+        perm[grp[0]], perm[holder] = holder, int(grp[0])
     return y[:, perm], f[perm]
+
+
+def _largest_type(md: _Model) -> int:
+    return int(np.argmax(md.p.max(axis=1)))
 
 
 def _t_lo(md: _Model, s: np.ndarray, lb: float) -> int:
@@ -618,11 +627,15 @@ def pack_cpsat(
         load_expr.append(expr)
         if vs:
             model.add(expr <= T)
-    for grp in groups:  # symmetry breaking within each equal-speed group
-        gl = grp.tolist()
-        for a, b in zip(gl[:-1], gl[1:]):
-            if not isinstance(load_expr[b], int):
-                model.add(load_expr[a] >= load_expr[b])
+    if SYMMETRY_BREAKING == "loads":
+        for grp in groups:  # symmetry breaking within each equal-speed group
+            gl = grp.tolist()
+            for a, b in zip(gl[:-1], gl[1:]):
+                if not isinstance(load_expr[b], int):
+                    model.add(load_expr[a] >= load_expr[b])
+    elif SYMMETRY_BREAKING == "largest" and types:
+        t_max = _largest_type(md)
+        model.add(sum(y[t_max][int(grp[0])] for grp in groups) >= 1)
     model.minimize(T)
     for t in range(types):
         for i in range(m):

@@ -1,17 +1,51 @@
 """Named schedulers: `build_scheduler(name, cluster, requests)` gives the bundle a run uses."""
 from __future__ import annotations
 
+import numpy as np
+
 from ..config import ClusterSpec
+from ..errors import ConfigError
+from ..planner.estimate import sequence_work
 from ..workload import Request
 from .base import Scheduler
 from .chunked import ChunkedPrefill
+from .controller import RebalanceController
 from .fcfs import FCFSPrefillFirst
-from .routing import LeastLoadedRouter, PlanRouter, RoundRobinRouter
-from .sorting import SortedQueue, plan_rank
+from .lagrangian import LagrangianPolicy
+from .predict import make_predictor
+from .routing import EarliestFinishRouter, LeastLoadedRouter, PlanRouter, RoundRobinRouter
+from .sorting import SortedQueue, longest_predicted_first, plan_rank
+
+# Knobs a cluster YAML may set under `policy: {NAME: {...}}`, with their defaults.
+KNOBS: dict[str, dict[str, object]] = {
+    "chunked": {"token_budget": 512},
+    "hybrid": {"multiplier": 1.0, "allow_mixed": True, "horizon": 32, "sort": "plan",
+               "interval_s": 1.0, "threshold_s": 0.5, "rel_threshold": 0.01, "max_moves": 4},
+}
 
 
 def _knobs(cluster: ClusterSpec, name: str) -> dict:
-    return dict(cluster.policy.get(name, {}))
+    """The policy's knobs: defaults overridden by the YAML; unknown keys and wrong types rejected."""
+    given = dict(cluster.policy.get(name, {}))
+    allowed = KNOBS.get(name, {})
+    out = dict(allowed)
+    for key, value in given.items():
+        if key not in allowed:
+            raise ConfigError(f"{cluster.source}: policy.{name}: unknown key {key!r}; allowed: "
+                              f"{', '.join(sorted(allowed)) or '(none)'}")
+        default = allowed[key]
+        ok = (isinstance(value, bool) if isinstance(default, bool) else
+              isinstance(value, (int, float)) and not isinstance(value, bool) if isinstance(default, (int, float))
+              else isinstance(value, type(default)))
+        if not ok:
+            raise ConfigError(f"{cluster.source}: policy.{name}.{key}: expected {type(default).__name__}, "
+                              f"got {value!r}")
+        out[key] = value
+    for name_ in cluster.policy:
+        if name_ not in KNOBS:
+            raise ConfigError(f"{cluster.source}: policy: unknown policy {name_!r}; knobs exist for "
+                              f"{', '.join(sorted(KNOBS))}")
+    return out
 
 
 def build_baseline(cluster: ClusterSpec, requests: list[Request], **_) -> Scheduler:
@@ -23,7 +57,7 @@ def build_round_robin(cluster: ClusterSpec, requests: list[Request], **_) -> Sch
 
 
 def build_chunked(cluster: ClusterSpec, requests: list[Request], **_) -> Scheduler:
-    budget = int(_knobs(cluster, "chunked").get("token_budget", 512))
+    budget = int(_knobs(cluster, "chunked")["token_budget"])
     return Scheduler("chunked", LeastLoadedRouter(), lambda r: ChunkedPrefill(budget))
 
 
@@ -33,19 +67,55 @@ def initial_batch(requests: list[Request]) -> list[Request]:
     return [q for q in requests if q.arrival_s == t0]
 
 
-def build_offline(cluster: ClusterSpec, requests: list[Request], plan=None, **plan_opts) -> Scheduler:
+def _planned(cluster: ClusterSpec, requests: list[Request], plan, predictor, plan_opts: dict):
+    """The offline plan of the initial batch, made with the predictor's lengths."""
+    from ..planner.plan import make_plan
+
+    if plan is None:
+        batch = initial_batch(requests)
+        predicted = np.array([predictor.predict(q) for q in batch], dtype=np.float64)
+        plan = make_plan(cluster, batch, predicted_output=predicted, **plan_opts)
+    index = {r.name: r.index for r in cluster.replicas()}
+    return plan, {rid: index[name] for rid, name in plan.assignment.items()}
+
+
+def build_offline(cluster: ClusterSpec, requests: list[Request], plan=None, lengths: str = "oracle",
+                  seed: int = 0, **plan_opts) -> Scheduler:
     """The paper's offline method: planned assignment and start order, FCFS inside replicas.
 
     ``plan`` may come precomputed (e.g. from a PlannerActor); else it is made here.
     """
-    from ..planner.plan import make_plan
-
-    if plan is None:
-        plan = make_plan(cluster, initial_batch(requests), **plan_opts)
-    index = {r.name: r.index for r in cluster.replicas()}
-    router = PlanRouter({rid: index[name] for rid, name in plan.assignment.items()}, LeastLoadedRouter())
+    predictor = make_predictor(lengths, requests, seed)
+    plan, assignment = _planned(cluster, requests, plan, predictor, plan_opts)
     rank = plan_rank(plan.rank())
-    sch = Scheduler("offline", router, lambda r: SortedQueue(FCFSPrefillFirst(), rank))
+    sch = Scheduler("offline", PlanRouter(assignment, LeastLoadedRouter()),
+                    lambda r: SortedQueue(FCFSPrefillFirst(), rank), predictor=predictor)
+    sch.info["plan"] = plan
+    return sch
+
+
+def build_hybrid(cluster: ClusterSpec, requests: list[Request], plan=None, lengths: str = "oracle",
+                 seed: int = 0, **plan_opts) -> Scheduler:
+    """The hybrid method: offline plan + queue sorting + Lagrangian iteration rule + controller."""
+    k = _knobs(cluster, "hybrid")
+    if k["sort"] not in ("plan", "longest"):
+        raise ConfigError(f"{cluster.source}: policy.hybrid.sort: expected 'plan' or 'longest', got {k['sort']!r}")
+    predictor = make_predictor(lengths, requests, seed)
+    plan, assignment = _planned(cluster, requests, plan, predictor, plan_opts)
+    key = plan_rank(plan.rank()) if k["sort"] == "plan" else longest_predicted_first
+    groups = [r.group for r in cluster.replicas()]
+
+    def work_of(s, i: int) -> float:
+        g = groups[i]
+        return sequence_work(g.cost_model, g.max_batch_size, g.kv_capacity_tokens, s.req.prompt_tokens,
+                             s.predicted_output)
+
+    mult, mixed, horizon = float(k["multiplier"]), bool(k["allow_mixed"]), int(k["horizon"])
+    sch = Scheduler("hybrid", PlanRouter(assignment, EarliestFinishRouter(work_of)),
+                    lambda r: SortedQueue(LagrangianPolicy(mult, mixed, horizon), key),
+                    RebalanceController(float(k["interval_s"]), float(k["threshold_s"]),
+                                        float(k["rel_threshold"]), int(k["max_moves"])),
+                    predictor=predictor)
     sch.info["plan"] = plan
     return sch
 
@@ -55,15 +125,17 @@ BUILDERS = {
     "round-robin": build_round_robin,
     "chunked": build_chunked,
     "offline": build_offline,
+    "hybrid": build_hybrid,
 }
 
-PLANNED = {"offline"}
+PLANNED = {"offline", "hybrid"}
 
 DESCRIPTIONS = {
     "baseline": "least-loaded routing + FCFS prefill-first continuous batching (vLLM v0 style)",
     "round-robin": "round-robin routing + FCFS prefill-first",
     "chunked": "least-loaded routing + Sarathi-style chunked prefill (token budget, vLLM v1 style)",
     "offline": "CP-SAT makespan plan (assignment + longest-first order) + FCFS prefill-first",
+    "hybrid": "offline plan + sorting + Lagrangian prefill-vs-decode rule + rebalancing controller",
 }
 
 

@@ -36,6 +36,27 @@ class LeastLoadedRouter:
         return out
 
 
+class EarliestFinishRouter:
+    """Each arrival goes to the replica predicted to finish its current work first.
+
+    Within a batch arriving together, each pick adds the request's estimated work to that
+    replica's predicted finish, so a burst spreads by work, not by count.
+    """
+
+    def __init__(self, work_of) -> None:
+        self.work_of = work_of      # (sequence, replica index) -> estimated seconds
+
+    def route(self, seqs: list[Sequence], loads: list[LoadReport]) -> list[int]:
+        heap = [(r.predicted_finish_s, r.index) for r in loads]
+        heapq.heapify(heap)
+        out = []
+        for s in seqs:
+            t, i = heap[0]
+            out.append(i)
+            heapq.heapreplace(heap, (t + self.work_of(s, i), i))
+        return out
+
+
 class PlanRouter:
     """Sends planned requests where the offline plan put them; others to ``fallback``."""
 

@@ -1,0 +1,119 @@
+"""The online iteration rule: insert prefill work now, or keep decoding? (Lagrangian pricing)
+
+Derivation (full version in docs/scheduling.md). A replica must produce a fixed number of
+decode tokens; its finish time is the sum of its iteration times. The batch-capacity constraint
+(at most B sequences at once) couples the iterations. Relax it with a multiplier lambda >= 0 per
+slot per unit time: the Lagrangian charges every empty slot-step its shadow price. At the
+optimum of the relaxation, the price of one slot for one decode step is the replica time one
+token costs at full occupancy::
+
+    mu = lambda * t_d / B        (t_d = time of the current decode step; lambda = 1 is the exact
+                                  shadow price, other values trade latency for batching)
+
+With k slots free now and a queue of waiting prompts, the replica can
+
+* insert them now: a prefill iteration of the k prompts stalls every running sequence for its
+  time ``t_p(k)``, or, on engines that mix, piggyback them on the next decode step at extra
+  cost ``t_m(k) - t_d``; call the cheaper ``c(k)``;
+* or defer j decode steps, leaving k + n_0 + ... empty slot-steps (n_i = running sequences
+  predicted to finish within i steps), and then insert ``k_j = k + n_j`` prompts together.
+
+By the renewal-reward theorem, over a long batch the schedule that minimises the cost *per
+admitted request* minimises the total time, so the rule inserts now iff::
+
+    c(k) / k  <=  min_{1<=j<=H}  ( c(k_j) + mu * sum_{i<j} (k + n_i) ) / k_j
+
+With lambda -> infinity it is FCFS prefill-first (never leave a slot empty); with lambda -> 0 it
+waits to batch as many prompts as possible. It decides with predicted lengths only.
+"""
+from __future__ import annotations
+
+from ..replica import DECODE, MIXED, PREFILL, Iteration, ReplicaState, Sequence
+from .fcfs import admit_in_order
+
+
+class LagrangianPolicy:
+    name = "lagrangian"
+
+    def __init__(self, multiplier: float = 1.0, allow_mixed: bool = True, horizon: int = 32):
+        if multiplier < 0:
+            raise ValueError("multiplier must be >= 0")
+        self.multiplier = multiplier
+        self.allow_mixed = allow_mixed
+        self.horizon = horizon
+        self.decisions = 0
+        self.deferrals = 0
+
+    # -- cost of inserting a set of prompts --------------------------------------------------
+    def _insert_cost(self, r: ReplicaState, tokens: int, attn: int, t_d: float) -> tuple[float, bool]:
+        """(stall cost, mixed?) of inserting prompts with ``tokens``/``attn`` into this replica."""
+        cost = r.cost
+        pre = cost.prefill_time(tokens, attn)
+        if self.allow_mixed and r.running and tokens + len(r.running) <= r.max_batched_tokens:
+            extra = cost.mixed_time(tokens, attn, len(r.running), r.kv_used) - t_d
+            if extra < pre:
+                return extra, True
+        return pre, False
+
+    def schedule(self, r: ReplicaState) -> Iteration | None:
+        running = r.running
+        if not r.waiting or r.free_slots <= 0:
+            return Iteration(DECODE, decode=True) if running else None
+        batch = admit_in_order(r, r.waiting)
+        if not batch:
+            return Iteration(DECODE, decode=True) if running else None
+        if not running:
+            return Iteration(PREFILL, batch, decode=False)        # nothing to stall
+        self.decisions += 1
+        t_d = r.cost.decode_time(len(running), r.kv_used)
+        mu = self.multiplier * t_d / r.max_batch
+        k = len(batch)
+        tokens = sum(n for _, n in batch)
+        attn = sum(n * n for _, n in batch)
+        now_cost, mixed = self._insert_cost(r, tokens, attn, t_d)
+        best_wait = self._best_deferral(r, batch, k, mu, t_d)
+        if now_cost / k <= best_wait:
+            if mixed:
+                return Iteration(MIXED, batch, decode=True)
+            return Iteration(PREFILL, batch, decode=False)
+        self.deferrals += 1
+        return Iteration(DECODE, decode=True)
+
+    def _best_deferral(self, r: ReplicaState, batch: list[tuple[Sequence, int]], k: int, mu: float,
+                       t_d: float) -> float:
+        """min over j of the per-request cost of deferring j steps (inf if deferring gains nothing)."""
+        horizon = self.horizon
+        finishing = [0] * (horizon + 1)           # finishing[i]: predicted to finish after i+1 steps
+        step = r.step
+        for s in r.running.values():
+            rem = s.predicted_output - (s.generated + step - s.synced_step)
+            if rem < 1:
+                rem = 1
+            if rem <= horizon:
+                finishing[rem - 1] += 1
+        waiting = len(r.waiting)
+        extra_queue = r.waiting[k:]               # prompts that could join the later insertion
+        tokens = sum(n for _, n in batch)
+        attn = sum(n * n for _, n in batch)
+        best = float("inf")
+        lost = 0.0
+        freed = 0
+        q = 0
+        for j in range(1, horizon + 1):
+            lost += mu * (k + freed)                  # empty slot-steps of step j
+            freed += finishing[j - 1]
+            if freed == 0:
+                continue
+            kj = min(k + freed, waiting)
+            while q < kj - k and q < len(extra_queue):  # grow the insertion with the next prompts
+                n = extra_queue[q].prefill_target
+                tokens += n
+                attn += n * n
+                q += 1
+            if kj <= k:
+                break                                 # no more prompts to gain by waiting
+            cost, _ = self._insert_cost(r, tokens, attn, t_d)
+            per = (cost + lost) / kj
+            if per < best:
+                best = per
+        return best
