@@ -19,7 +19,7 @@ from .sorting import SortedQueue, longest_predicted_first, plan_rank
 # Knobs a cluster YAML may set under `policy: {NAME: {...}}`, with their defaults.
 KNOBS: dict[str, dict[str, object]] = {
     "chunked": {"token_budget": 512},
-    "hybrid": {"multiplier": 1.0, "allow_mixed": True, "horizon": 32, "sort": "plan",
+    "hybrid": {"multiplier": 1.0, "allow_mixed": True, "chunk_tokens": 512, "horizon": 32, "sort": "plan",
                "interval_s": 1.0, "threshold_s": 0.5, "rel_threshold": 0.01, "max_moves": 4},
 }
 
@@ -110,9 +110,9 @@ def build_hybrid(cluster: ClusterSpec, requests: list[Request], plan=None, lengt
         return sequence_work(g.cost_model, g.max_batch_size, g.kv_capacity_tokens, s.req.prompt_tokens,
                              s.predicted_output)
 
-    mult, mixed, horizon = float(k["multiplier"]), bool(k["allow_mixed"]), int(k["horizon"])
+    mult, mixed, horizon, chunk = float(k["multiplier"]), bool(k["allow_mixed"]), int(k["horizon"]), int(k["chunk_tokens"])
     sch = Scheduler("hybrid", PlanRouter(assignment, EarliestFinishRouter(work_of)),
-                    lambda r: SortedQueue(LagrangianPolicy(mult, mixed, horizon), key),
+                    lambda r: SortedQueue(LagrangianPolicy(mult, mixed, horizon, chunk), key),
                     RebalanceController(float(k["interval_s"]), float(k["threshold_s"]),
                                         float(k["rel_threshold"]), int(k["max_moves"])),
                     predictor=predictor)

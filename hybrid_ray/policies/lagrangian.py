@@ -14,7 +14,9 @@ With k slots free now and a queue of waiting prompts, the replica can
 
 * insert them now: a prefill iteration of the k prompts stalls every running sequence for its
   time ``t_p(k)``, or, on engines that mix, piggyback them on the next decode step at extra
-  cost ``t_m(k) - t_d``; call the cheaper ``c(k)``;
+  cost ``t_m(k) - t_d``; the prompts' own compute (per-token and attention work) is paid
+  whenever they run, so only the rest, the *overhead* ``c(k)`` of the cheaper option, depends on
+  the decision (it can be negative: mixing saves the prefill's own weight pass);
 * or defer j decode steps, leaving k + n_0 + ... empty slot-steps (n_i = running sequences
   predicted to finish within i steps), and then insert ``k_j = k + n_j`` prompts together.
 
@@ -35,28 +37,73 @@ from .fcfs import admit_in_order
 class LagrangianPolicy:
     name = "lagrangian"
 
-    def __init__(self, multiplier: float = 1.0, allow_mixed: bool = True, horizon: int = 32):
+    def __init__(self, multiplier: float = 1.0, allow_mixed: bool = True, horizon: int = 32,
+                 chunk_tokens: int = 0):
         if multiplier < 0:
             raise ValueError("multiplier must be >= 0")
         self.multiplier = multiplier
         self.allow_mixed = allow_mixed
         self.horizon = horizon
+        self.chunk_tokens = chunk_tokens      # > 0: mixed insertions are split into chunks (Sarathi)
         self.decisions = 0
         self.deferrals = 0
 
     # -- cost of inserting a set of prompts --------------------------------------------------
     def _insert_cost(self, r: ReplicaState, tokens: int, attn: int, t_d: float) -> tuple[float, bool]:
-        """(stall cost, mixed?) of inserting prompts with ``tokens``/``attn`` into this replica."""
+        """(overhead, mixed?) of inserting prompts with ``tokens``/``attn`` into this replica.
+
+        The overhead is the insertion's time minus the prompts' own compute (per-token and
+        attention work), which is paid whenever they are prefilled: only the fixed part (the
+        prefill floor and base, the decode stall, or what mixing saves) depends on *when*.
+        Comparing whole costs instead would favour waiting for short prompts.
+        """
         cost = r.cost
-        pre = cost.prefill_time(tokens, attn)
-        if self.allow_mixed and r.running and tokens + len(r.running) <= r.max_batched_tokens:
-            extra = cost.mixed_time(tokens, attn, len(r.running), r.kv_used) - t_d
-            if extra < pre:
-                return extra, True
+        p = cost.prefill
+        own = p.per_token_s * tokens + p.per_token_sq_s * attn
+        pre = cost.prefill_time(tokens, attn) - own
+        if self.allow_mixed and r.running:
+            if self.chunk_tokens > 0 and tokens > self.chunk_tokens:
+                tokens, attn = self.chunk_tokens, self.chunk_tokens ** 2    # the first chunk decides
+                own = p.per_token_s * tokens + p.per_token_sq_s * attn
+            if tokens + len(r.running) <= max(r.max_batched_tokens, self.chunk_tokens):
+                extra = cost.mixed_time(tokens, attn, len(r.running), r.kv_used) - t_d - own
+                if extra < pre:
+                    return extra, True
         return pre, False
+
+    def _chunks(self, r: ReplicaState, batch: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
+        """Cap a mixed iteration's prefill tokens at ``chunk_tokens`` (the rest continues later)."""
+        budget = self.chunk_tokens - len(r.running)
+        out = []
+        for s, n in batch:
+            if budget <= 0:
+                break
+            out.append((s, min(n, budget)))
+            budget -= n
+        return out or batch[:1]
+
+    def _continue_chunks(self, r: ReplicaState) -> Iteration | None:
+        """Prompts already split over iterations keep going first (they hold slots and KV)."""
+        budget = max(self.chunk_tokens - len(r.running), 1)
+        kv_free = r.kv_free - len(r.running)
+        chunks = []
+        for s in r.prefilling.values():
+            n = min(budget, s.prefill_target - s.prefilled, kv_free - 1)
+            if n <= 0:
+                break
+            chunks.append((s, n))
+            budget -= n
+            kv_free -= n + 1
+        if not chunks:
+            return None
+        return Iteration(MIXED if r.running else PREFILL, chunks, decode=bool(r.running))
 
     def schedule(self, r: ReplicaState) -> Iteration | None:
         running = r.running
+        if r.prefilling:
+            it = self._continue_chunks(r)
+            if it is not None:
+                return it
         if not r.waiting or r.free_slots <= 0:
             return Iteration(DECODE, decode=True) if running else None
         batch = admit_in_order(r, r.waiting)
@@ -74,7 +121,7 @@ class LagrangianPolicy:
         best_wait = self._best_deferral(r, batch, k, mu, t_d)
         if now_cost / k <= best_wait:
             if mixed:
-                return Iteration(MIXED, batch, decode=True)
+                return Iteration(MIXED, self._chunks(r, batch) if self.chunk_tokens > 0 else batch, decode=True)
             return Iteration(PREFILL, batch, decode=False)
         self.deferrals += 1
         return Iteration(DECODE, decode=True)
