@@ -84,7 +84,7 @@ def test_no_policy_beats_the_bound(seed, n, arrivals, policy):
     rng = random.Random(seed)
     reqs = random_requests(rng, n, arrivals)
     cl = random_cluster(rng, min_kv=max(q.prompt_tokens + q.output_tokens for q in reqs))
-    rec = simulate(cl, build_scheduler(policy, cl, reqs), reqs)
+    rec = simulate(cl, build_scheduler(policy, cl, reqs, time_limit_s=0.5), reqs)
     lb = lower_bound(cl, reqs)
     assert summarize(rec).makespan_s >= lb.value_s
     assert lb.value_s > 0

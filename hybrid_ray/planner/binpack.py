@@ -6,7 +6,7 @@ work w_j >= 0 (seconds on a speed-1 replica) and every replica m a relative spee
 
 Problem
 -------
-Find a :math:`a: J \\to M` minimising the makespan
+Find an assignment a: J -> M minimising the makespan
 
     C(a) = max_m  L_m / s_m,        L_m = sum_{j : a(j) = m} w_j .
 
@@ -20,92 +20,111 @@ Sort work w_(1) >= ... >= w_(n) and speeds s_(1) >= ... >= s_(m). The bound is t
   (the k largest jobs occupy at most k machines, at best the k fastest; k = 1 is max_j w_j / s_max);
 * volume bound:  sum_j w_j / sum_m s_m;
 * pair bound, for k = 1..min(m, n - 1):  min( (w_(k) + w_(k+1)) / s_(1),  w_(k+1) / s_(k+1) )
-  (either one of the k+1 largest jobs runs on a machine no faster than s_(k+1), or all of them
-  share the k fastest machines and two of them share one; with s_(m+1) = 0 the k = m term is the
-  classic P||Cmax bound w_(m) + w_(m+1));
+  (either one of the k+1 largest jobs runs on a machine of sorted position > k, no faster than
+  s_(k+1), or all of them run on the first k machines and two of them share one; with
+  s_(m+1) = 0 the k = m term is the classic P||Cmax bound w_(m) + w_(m+1));
 * pigeonhole bound, for r >= 1 with r*m + 1 <= n:  (w_(rm-r+1) + ... + w_(rm+1)) / s_(1)
   (some machine holds r + 1 of the r*m + 1 largest jobs).
 
 Every term is a valid bound, so the maximum is; it is shrunk by a relative 4 (n + m) * 2^-52 so
 that floating-point summation can never lift it above a makespan computed from the same floats.
+If all work is integral and the machines identical, every makespan is (integer load) / s, so the
+bound is then rounded up to ceil(LB * s) / s.
 
 MIP (``pack_cpsat``, CP-SAT)
 ----------------------------
-CP-SAT needs integers, so times are measured in units of tau = LB / U (LB = the bound above,
-U = the resolution). Jobs with w_j = 0 are left out of the model (they are placed afterwards).
+CP-SAT needs integers, so makespans are measured in units of tau seconds (below). Jobs with
+w_j = 0 are left out of the model and placed afterwards.
 
 Sets
-    M                machines; G_1, ..., G_r the groups of machines with exactly equal speed.
-    T                item types; type t holds c_t jobs whose representative work is
-                     r_t = min of their w_j (so r_t <= w_j for every member).
+    M              machines; G_1, ..., G_r the groups of machines with exactly equal speed,
+                   first(G_i) the lowest machine index of group G_i.
+    T              item types; type t holds c_t jobs whose representative work is
+                   r_t = min of their w_j (so r_t <= w_j for every member).
 Data
-    p_tm = floor(r_t / (s_m tau))       processing time of one type-t job on m, in units;
-    g, q_m = floor(g / (s_m tau)), F    fluid unit of work, its time on m, and the fluid volume
-                                        F = max(0, floor(W_small / g) - m - 1) (aggregated mode).
+    p_tm = floor(r_t / (s_m tau))      time of one type-t job on m, in units (rounded down);
+    g, q_m = floor(g / (s_m tau))      fluid unit of work and its time on m (aggregated mode);
+    F = max(0, floor(W_small / g) - m - 1)   fluid volume, W_small = total small-job work.
 Variables
-    y_tm in {0, ..., c_t}    how many type-t jobs run on m (a boolean x_jm when c_t = 1);
-    f_m  in {0, ..., F}      fluid units of small-job work on m (aggregated mode only);
-    T    in {T_lo, ..., T_hint}   the makespan in units.
+    y_tm in {0, ..., c_t}   how many type-t jobs run on m (a boolean x_jm when c_t = 1);
+    f_m  in {0, ..., F}     fluid units of small-job work on m (aggregated mode only);
+    T    in {T_lo, ..., T_hint}   the makespan, in units.
 Objective
     minimise T
 Constraints
     sum_m y_tm = c_t                              for every type t
     sum_m f_m  = F
     L_m := sum_t p_tm y_tm + q_m f_m <= T         for every machine m
-    L_a >= L_b         for consecutive machines a < b of each group G_i (symmetry breaking:
-                       machines of equal speed are interchangeable, so their loads may be sorted;
-                       we do not also pin the largest job, which would conflict with the sorting)
+    sum_i y_{t*, first(G_i)} >= 1                 symmetry breaking, t* = the largest type: the
+        machines of a group are interchangeable, so some largest job may be assumed to sit on
+        the first machine of its group (machine 0 for identical machines). SYMMETRY_BREAKING =
+        "loads" instead imposes L_a >= L_b for consecutive machines a < b of every group; that
+        is valid too (not together with the former) but measurably slows CP-SAT's LNS, whose
+        moves it blocks, so it is not the default.
     T_lo = max( max_t min_m p_tm,
-                ceil( (sum_t c_t min_m s_m p_tm + F min_m s_m q_m) / sum_m s_m ) )
-           (from T sum_m s_m >= sum_m s_m L_m; valid for this integer model)
-    T_hint = value of T at the warm start (AddHint of the best heuristic, machines of each group
-             relabelled so its loads are non-increasing, which makes the hint feasible).
+                ceil( (sum_t c_t min_m s_m p_tm + F min_m s_m q_m) / sum_m s_m ),  [*]
+                ceil(LB / tau) - loss )                                             [exact mode]
+        [*] from T sum_m s_m >= sum_m s_m L_m. The last term holds because rounding down costs
+        less than one unit per job: T(A) > C(A) / tau - n for every float assignment A.
+    T_hint = the value of T at the warm start (AddHint of the best heuristic's assignment, with
+        machines relabelled inside their group so the hint satisfies the symmetry breaking).
 
-Because every coefficient is rounded *down* and the fluid may split jobs, the model is a
-relaxation of the float problem: any float assignment of makespan C has T <= C / tau. The solver's
-proven bound B therefore gives the float lower bound B * tau (times 1 - 1e-12 for the float
-product); the reported ``lower_bound`` is max(analytic bound, that). Makespans are always
-recomputed from the float work of the returned per-job assignment, never from the integers.
+Rounding and bounds. Every coefficient is rounded *down* (after multiplying by 1 - 1e-14 so that
+a float division can never round one up) and the fluid may split jobs, so the model is a
+relaxation: the image of any float assignment of makespan C has T <= C / tau. The solver's proven
+bound B therefore yields the float lower bound B * tau * (1 - 1e-14); the reported
+``lower_bound`` is max(analytic bound, that). Makespans are always recomputed from the float work
+of the per-job assignment, never from the integers.
 
-Exact mode (used when (#distinct positive work values) * m <= EXACT_MAX_VARS = 12,000): one type
-per distinct work value, so r_t is exact, no fluid; U = min(1e10 * n, 2^44). Each machine then
-loses less than one unit per job to rounding, so a solution proven optimal by CP-SAT is optimal
-for the float problem up to a relative n / U <= 1e-10 (plus an absolute gap limit of n units);
-these are reported as ``OPTIMAL``. Equal jobs collapse into one counted type, which is lossless.
+Exact mode, used when (#distinct positive work values) * m <= EXACT_MAX_VARS = 12,000: one type
+per distinct work value (equal jobs collapse into one counted type, which is lossless), no fluid.
+  * integral work on identical machines (e.g. token counts, total <= 2^50): tau = 1 / s, p = w
+    exactly, no rounding at all (loss = 0);
+  * otherwise tau = LB / U with U = min(1e10 * n, 2^44) (further capped so no linear expression
+    can exceed 2^60): loss = n units, i.e. a relative n / U (1e-10 for n <= 1,759).
+CP-SAT stops when T - B <= loss + 2 units (0.5 when integral) - reported ``OPTIMAL``: the
+float makespan is then within a relative (2 loss + 2) / U of the optimum - or at a relative gap
+of 1e-7 (reported ``FEASIBLE``: a planning horizon does not need more).
 
-Aggregated mode (otherwise, e.g. 100k jobs): U = 1e9. The positive jobs are put into geometric
-classes anchored at the largest job, class(j) = floor(log(w_max / w_j) / log(1 + 1e-3)), so
-within a class work differs by less than 0.1%. The first K = max(1, 4096 // m) occupied classes
-are the *large* types (at most 4,096 integer y_tm variables however large n is); all smaller
-jobs become the fluid, with g = sqrt(U) * s_max * tau so that q_m >= sqrt(U) and the floor of the
-fluid coefficient and of F each cost at most ~3e-5 relative. CP-SAT stops at a relative gap of
-1e-4 (below the 0.1% class rounding the model cannot see). The solution is expanded
+Aggregated mode, otherwise (e.g. 100k jobs of continuous work): tau = LB / U with U = 1e9. The
+positive jobs are put into geometric classes anchored at the largest job,
+class(j) = floor(log(w_max / w_j) / log(1 + 1e-3)), so within a class work differs by less than
+0.1%. The first K = max(1, 4096 // m) occupied classes are the *large* types (at most 4,096
+integer y_tm variables however large n is); all smaller jobs become the fluid, with
+g = sqrt(U) * s_max * tau, so that q_m >= sqrt(U): the floors of q_m, F and of a machine's fluid
+each cost about 3e-5 * s_max / s_m relative. CP-SAT stops at a relative gap of 1e-4 (below the
+0.1% class rounding, the model cannot tell solutions apart). The solution is expanded
 deterministically: the members of each large type, in decreasing work, go to the machine with a
-remaining quota y_tm that finishes them earliest (true float loads), then the small jobs are
-placed by LPT on the true loads, which also absorbs the rounding of the large types (its error is
-at most one small job per machine). Aggregated solutions are reported ``FEASIBLE`` unless the
-float makespan meets the lower bound.
+remaining quota y_tm that finishes them earliest (true float loads); then the small jobs are
+placed by LPT on the true loads, which also absorbs the rounding of the large types (its error
+is at most one small job per machine). Aggregated results are ``FEASIBLE`` unless the float
+makespan meets the lower bound.
 
 Heuristics
 ----------
 ``pack_lpt``: longest processing time first, each job to the machine where it finishes first
-(min (L_m + w_j) / s_m); one heap per speed group, O(n log n + n (log m + #groups)).
-Guarantee for identical machines: C_LPT <= (4/3 - 1/(3m)) C*.
-``pack_multifit``: Coffman-Garey-Johnson: binary search on a bin capacity with first-fit
-decreasing (segment tree, O(n log m) per probe); identical machines only (else LPT).
-``pack_kk``: Karmarkar-Karp largest differencing for m-way partitioning; identical only.
-``pack``: with ``method="cpsat"`` runs the heuristics, warm-starts CP-SAT with the best of them
-and returns the best assignment found (never worse than LPT), tagged with the method that
-produced it.
+(min (L_m + w_j) / s_m; ties: faster, then lower index); one heap per speed group,
+O(n log n + n (log m + #groups)). Identical machines: C_LPT <= (4/3 - 1/(3m)) C*.
+``pack_multifit``: Coffman-Garey-Johnson: binary search on a bin capacity in
+[max(W/m, w_max), max(2W/m, w_max)] with first-fit decreasing (segment tree, O(n log m) per
+probe); identical machines only (else LPT).
+``pack_kk``: Karmarkar-Karp largest differencing for m-way partitioning, O(n m log m) time and
+O(n m) memory; identical machines only (else LPT).
+``pack``: with ``method="cpsat"`` runs LPT, multifit (n <= 5,000) and KK (n m <= 200,000),
+warm-starts CP-SAT with the best, and returns the best assignment found (never worse than any
+heuristic it ran), tagged with the method that produced it (CP-SAT only if strictly better).
 
-Status: ``OPTIMAL`` = proven optimal (exact-mode CP-SAT proof, or makespan <= lower_bound *
-(1 + 1e-9)); ``FEASIBLE`` = CP-SAT ran and found a solution but optimality is not proven;
-``HEURISTIC`` = heuristic result with no solver involvement (or the solver failed).
+Status: ``OPTIMAL`` = proven optimal (exact-mode CP-SAT proof as above, or makespan <=
+lower_bound * (1 + 1e-9)); ``FEASIBLE`` = CP-SAT ran and found a solution, optimality not proven;
+``HEURISTIC`` = heuristic result with no solver involvement (or the solver found nothing).
 
-Determinism: all heuristics and expansions are deterministic (stable sorts, index tie-breaks).
-CP-SAT runs with ``interleave_search`` (deterministic interleaving of its workers), a fixed seed
-and a deterministic-time limit equal to ``time_limit_s``; the wall-clock limit is only a safety
-net (if it fires first the result may depend on machine load).
+Determinism: heuristics, model building and expansion are deterministic (stable sorts, index
+tie-breaks). CP-SAT runs with ``interleave_search`` (its workers' trajectories do not depend on
+thread timing), ``random_seed = seed`` and a deterministic-time budget of
+DET_TIME_PER_SECOND * time_limit_s, so a solve that ends by proof, gap limit or that budget is
+repeatable. ``max_time_in_seconds = time_limit_s`` is a hard safety net: if the wall clock fires
+first (slow or loaded machine; interleaved batches overshoot the deterministic budget) the
+solution may differ between runs, though it is never worse than the warm start.
 """
 from __future__ import annotations
 
@@ -134,7 +153,11 @@ AGG_MAX_VARS = 4_096  # aggregated mode: at most this many y_tm variables
 AGG_CLASS_EPS = 1e-3  # relative width of a large-job class
 AGG_RESOLUTION = 1e9
 AGG_REL_GAP = 1e-4
-SYMMETRY_BREAKING = "largest"
+SYMMETRY_BREAKING = "largest"  # "largest" | "loads" | "none" (see module docstring)
+# CP-SAT's deterministic clock ran at 0.5-1.6 units per wall second (2 workers, interleaved) in
+# our measurements; budgeting 0.4 unit per second of ``time_limit_s`` lets the deterministic
+# limit, not the wall clock, end the search on ordinary hardware, which keeps results repeatable.
+DET_TIME_PER_SECOND = 0.4
 EXACT_REL_GAP = 1e-7  # exact mode stops within 1e-7 of its bound (reported FEASIBLE unless closed)
 MULTIFIT_MAX_JOBS = 5_000  # pack(): run multifit only up to this many jobs (O(iter * n log m))
 KK_MAX_CELLS = 200_000  # pack(): run KK only while n * m stays below this (O(n m log m))
@@ -214,7 +237,8 @@ def _lower_bound(w: np.ndarray, s: np.ndarray) -> float:
     ss = np.sort(s)[::-1]
     k = min(n, m)
     lb = float(np.max(np.cumsum(ws[:k]) / np.cumsum(ss[:k])))  # prefix bound (k=1: max w / s_max)
-    lb = max(lb, math.fsum(ws.tolist()) / math.fsum(ss.tolist()))  # volume bound
+    total = math.fsum(ws.tolist())
+    lb = max(lb, total / math.fsum(ss.tolist()))  # volume bound
     if n > 1:  # pair bound, k = 1..min(m, n-1) (1-based)
         kk = np.arange(1, min(m, n - 1) + 1)
         pair = (ws[kk - 1] + ws[kk]) / ss[0]
@@ -226,7 +250,12 @@ def _lower_bound(w: np.ndarray, s: np.ndarray) -> float:
         r = np.arange(1, r_max + 1)
         hi = r * m + 1
         lb = max(lb, float(np.max(csum[hi] - csum[hi - r - 1])) / ss[0])
-    return lb * (1.0 - 4.0 * (n + m) * _EPS)
+    lb *= 1.0 - 4.0 * (n + m) * _EPS
+    s0 = float(ss[0])
+    if ss[-1] == s0 and total <= 2.0**52 and np.all(ws == np.floor(ws)):
+        # integral work on identical machines: every makespan is (integer load) / s
+        lb = math.ceil(lb * s0) / s0
+    return lb
 
 
 def makespan_lower_bound(work: np.ndarray, speeds: np.ndarray) -> float:
@@ -511,7 +540,8 @@ def _model_loads(md: _Model, y: np.ndarray, f: np.ndarray) -> np.ndarray:
 def _hint_values(
     md: _Model, w: np.ndarray, s: np.ndarray, hint: np.ndarray, groups: list[np.ndarray],
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Hint in model variables, machines relabelled within speed groups so loads are sorted."""
+    """The hint in model variables, machines relabelled within their speed group so that it
+    satisfies the symmetry breaking; it is then a feasible solution (T = its max load)."""
     m = s.size
     types = len(md.members)
     y = np.zeros((types, m), dtype=np.int64)
@@ -529,7 +559,7 @@ def _hint_values(
             d = min(excess, int(f[i]))
             f[i] -= d
             excess -= d
-        if excess < 0:  # float edge case: top up the least loaded machine (hint may be infeasible)
+        if excess < 0:  # float edge case: top up one machine so that sum f = F holds exactly
             f[int(np.argmin(f))] -= excess
     loads = _model_loads(md, y, f)
     perm = np.arange(m)  # model machine k takes the hint's machine perm[k]
@@ -649,7 +679,7 @@ def pack_cpsat(
     prm = solver.parameters
     limit = max(0.05, float(time_limit_s))
     prm.max_time_in_seconds = limit
-    prm.max_deterministic_time = limit
+    prm.max_deterministic_time = DET_TIME_PER_SECOND * limit
     prm.num_workers = max(1, int(workers))
     prm.random_seed = int(seed)
     prm.interleave_search = True

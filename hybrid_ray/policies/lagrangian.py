@@ -49,6 +49,10 @@ class LagrangianPolicy:
         self.deferrals = 0
 
     # -- cost of inserting a set of prompts --------------------------------------------------
+    def _chunk_limit(self, r: ReplicaState) -> int:
+        """Prefill tokens a mixed iteration may carry (chunk size within the token budget)."""
+        return min(self.chunk_tokens, r.max_batched_tokens) - len(r.running)
+
     def _insert_cost(self, r: ReplicaState, tokens: int, attn: int, t_d: float) -> tuple[float, bool]:
         """(overhead, mixed?) of inserting prompts with ``tokens``/``attn`` into this replica.
 
@@ -61,31 +65,38 @@ class LagrangianPolicy:
         p = cost.prefill
         own = p.per_token_s * tokens + p.per_token_sq_s * attn
         pre = cost.prefill_time(tokens, attn) - own
-        if self.allow_mixed and r.running:
-            if self.chunk_tokens > 0 and tokens > self.chunk_tokens:
-                tokens, attn = self.chunk_tokens, self.chunk_tokens ** 2    # the first chunk decides
+        if not (self.allow_mixed and r.running):
+            return pre, False
+        if self.chunk_tokens > 0:
+            limit = self._chunk_limit(r)
+            if limit < 1:
+                return pre, False
+            if tokens > limit:
+                tokens, attn = limit, limit * limit          # the first chunk decides
                 own = p.per_token_s * tokens + p.per_token_sq_s * attn
-            if tokens + len(r.running) <= max(r.max_batched_tokens, self.chunk_tokens):
-                extra = cost.mixed_time(tokens, attn, len(r.running), r.kv_used) - t_d - own
-                if extra < pre:
-                    return extra, True
-        return pre, False
+        elif tokens + len(r.running) > r.max_batched_tokens:
+            return pre, False
+        extra = cost.mixed_time(tokens, attn, len(r.running), r.kv_used) - t_d - own
+        return (extra, True) if extra < pre else (pre, False)
 
     def _chunks(self, r: ReplicaState, batch: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
-        """Cap a mixed iteration's prefill tokens at ``chunk_tokens`` (the rest continues later)."""
-        budget = self.chunk_tokens - len(r.running)
+        """Cap a mixed iteration's prefill tokens at the chunk limit (the rest continues later)."""
+        budget = self._chunk_limit(r)
         out = []
         for s, n in batch:
             if budget <= 0:
                 break
             out.append((s, min(n, budget)))
             budget -= n
-        return out or batch[:1]
+        return out
 
     def _continue_chunks(self, r: ReplicaState) -> Iteration | None:
         """Prompts already split over iterations keep going first (they hold slots and KV)."""
-        budget = max(self.chunk_tokens - len(r.running), 1)
-        kv_free = r.kv_free - len(r.running)
+        budget = self._chunk_limit(r)
+        decode = bool(r.running) and budget >= 1
+        if not decode:
+            budget = min(max(self.chunk_tokens, 1), r.max_batched_tokens)
+        kv_free = r.kv_free - (len(r.running) if decode else 0)
         chunks = []
         for s in r.prefilling.values():
             n = min(budget, s.prefill_target - s.prefilled, kv_free - 1)
@@ -96,7 +107,7 @@ class LagrangianPolicy:
             kv_free -= n + 1
         if not chunks:
             return None
-        return Iteration(MIXED if r.running else PREFILL, chunks, decode=bool(r.running))
+        return Iteration(MIXED if decode else PREFILL, chunks, decode=decode)
 
     def schedule(self, r: ReplicaState) -> Iteration | None:
         running = r.running
