@@ -81,6 +81,48 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """`hybrid-ray run`: the same policies on Ray actors with the emulated engine (hybrid_ray/runtime.py)."""
+    from .metrics import format_summary
+    from .runtime import RunOptions, run
+
+    opts = RunOptions(config=args.config, workload=args.workload, policy=args.policy, limit=args.limit,
+                      seed=args.seed, address=args.address, output=args.output, resume=args.resume,
+                      time_scale=args.time_scale, report_interval_s=args.report_interval,
+                      cpus_per_replica=args.cpus_per_replica, plan_method=args.plan_method,
+                      plan_time_limit_s=args.plan_time_limit, heartbeat_timeout_s=args.heartbeat_timeout,
+                      connect_timeout_s=args.connect_timeout, progress=not args.no_progress)
+    print(f"running {args.workload} on {args.config} with policy {args.policy} on Ray "
+          f"({args.address or 'local'})", flush=True)
+    try:
+        res = run(opts)
+    except KeyboardInterrupt:
+        where = args.resume or args.output
+        print("hybrid-ray: interrupted" + (f"; finished requests are in {where}: continue with --resume {where}"
+                                            if where else ""), file=sys.stderr)
+        return 130
+    if res.summary is None:
+        print(f"nothing to run: all {res.skipped} requests are already in {res.output}")
+        return 0
+    print(format_summary(res.summary))
+    rows = [("wall time", f"{res.wall_s:.2f} s (run {res.run_wall_s:.2f} s at time_scale {res.time_scale:g})"),
+            ("failed replicas / requeued", f"{len(res.failed_replicas)}"
+             + (f" ({', '.join(res.failed_replicas)})" if res.failed_replicas else "") + f" / {res.requeued}"),
+            ("controller decision p99", f"{1e3 * res.controller_decision_p99_s:.3f} ms"),
+            ("Ray messages per request", f"{res.messages_per_request:.2f}"),
+            ("late adds (mean / max, modelled)", f"{res.late_adds} ({res.late_mean_s:.3f} / {res.late_max_s:.3f} s)")]
+    if res.skipped:
+        rows.append(("resumed: skipped", f"{res.skipped} requests already in {res.output}"))
+    print("\n".join(f"  {k.ljust(32)}  {v}" for k, v in rows))
+    if res.late_adds and res.late_mean_s > 0.01 * res.summary.makespan_s:
+        print(f"note: {res.late_adds} requests reached their replica after its modelled clock had passed their "
+              f"arrival (Ray latency / time_scale); raise --time-scale for online timing closer to `simulate`")
+    data = res.to_dict()
+    data.update(config=res.record.config, workload=args.workload)
+    _write_json(args.json, data)
+    return 0
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     from .profiles import cost_model_yaml, fit_cost_model, load_profile
 
@@ -126,6 +168,38 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--time-limit", type=float, default=5.0, help="CP-SAT time limit in seconds (default: 5)")
     pl.add_argument("--workers", type=int, default=2, help="CP-SAT search workers (default: 2)")
     pl.set_defaults(func=cmd_plan)
+
+    r = sub.add_parser("run", help="run a policy on Ray actors with the emulated engine (real time)",
+                       description="Run a workload on Ray: one actor per replica (the same replica state "
+                                   "machine and policy objects as `simulate`, with an engine that sleeps the "
+                                   "modelled iteration time x time_scale), a controller actor and a planner "
+                                   "actor. Prints the same metrics as `simulate` plus wall time, failures and "
+                                   "message counts. On a cluster: `ray job submit --address http://HEAD:8265 "
+                                   "-- hybrid-ray run --address auto ...` (docs/runtime.md).")
+    _add_inputs(r)
+    r.add_argument("--policy", default="baseline", choices=list(DESCRIPTIONS), help="scheduling policy, as for "
+                   "simulate (default: baseline)")
+    r.add_argument("--address", default=None, help="Ray to use: omitted = start a local Ray; auto = the cluster "
+                   "this node belongs to; HOST:6379 (GCS) or ray://HOST:10001 (Ray Client)")
+    r.add_argument("--output", metavar="JSONL", default=None, help="append one JSON record per finished request "
+                   "(flushed as they finish)")
+    r.add_argument("--resume", metavar="JSONL", default=None, help="skip the requests already in this results "
+                   "file and append to it (a truncated last line is tolerated)")
+    r.add_argument("--time-scale", type=float, default=None, help="real seconds slept per modelled second "
+                   "(default: the config's time_scale)")
+    r.add_argument("--report-interval", type=float, default=0.1, help="real seconds between a busy replica's "
+                   "load reports to the controller, besides one per iteration that finishes requests (default: 0.1)")
+    r.add_argument("--cpus-per-replica", type=float, default=None, help="reserve this many CPUs per replica "
+                   "actor instead of the config's resources (emulate a GPU config on CPUs; fractions allowed)")
+    r.add_argument("--plan-method", default="cpsat", choices=["cpsat", "lpt", "multifit", "kk"],
+                   help="planner method for offline/hybrid (default: cpsat)")
+    r.add_argument("--plan-time-limit", type=float, default=5.0, help="CP-SAT time limit in seconds (default: 5)")
+    r.add_argument("--heartbeat-timeout", type=float, default=10.0, help="seconds a replica may leave a poll "
+                   "unanswered before it is declared failed and its requests recomputed elsewhere (default: 10)")
+    r.add_argument("--connect-timeout", type=float, default=15.0, help="seconds to reach the Ray cluster given by "
+                   "--address before giving up (default: 15)")
+    r.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    r.set_defaults(func=cmd_run)
 
     f = sub.add_parser("fit-cost-model", help="fit a cost model from a profile CSV and print the YAML block",
                        description="Least-squares fit of prefill/decode iteration times (our profile CSV "

@@ -201,6 +201,10 @@ def test_lower_bound_terms():
     # pigeonhole with r = 2: 7 unit jobs on 3 machines -> some machine has 3
     assert makespan_lower_bound(np.ones(7), np.ones(3)) == pytest.approx(3.0)
     assert makespan_lower_bound(np.zeros(0), np.ones(3)) == 0.0
+    # integral work on identical machines: loads are integers, so the volume bound 6.5 rounds up
+    assert makespan_lower_bound(np.array([3.0, 3.0, 2.0, 2.0, 3.0]), np.ones(2)) == 7.0
+    assert makespan_lower_bound(np.array([3.0, 3.0, 2.0, 2.0, 3.0]), np.full(2, 2.0)) == 3.5
+    assert makespan_lower_bound(np.array([3.0, 3.5, 2.0, 2.0, 3.0]), np.ones(2)) < 7.0
 
 
 # ------------------------------------------------------------------------------------------
@@ -223,7 +227,9 @@ def reference_lpt(work: np.ndarray, speeds: np.ndarray) -> np.ndarray:
 def test_lpt_matches_reference(seed):
     rng = np.random.default_rng(seed)
     work = rng.integers(0, 20, 200).astype(float) if seed % 2 else rng.lognormal(0, 1, 200)
-    speeds = [np.ones(7), np.array([1.0, 2.0] * 4), rng.uniform(0.5, 2.0, 12)][seed % 3]
+    speeds = [np.ones(7), np.array([1.0, 2.0] * 4), rng.choice([0.5, 1.0, 1.5, 2.0, 3.0], 12)][seed % 3]
+    if seed % 3 == 2:  # > 8 distinct speeds takes the vectorised path; make ties possible there
+        speeds = np.r_[speeds, np.arange(1, 10) * 0.25]
     got = pack_lpt(work, speeds)
     np.testing.assert_array_equal(got.assignment, reference_lpt(work, speeds))
 
@@ -274,6 +280,19 @@ def test_aggregated_cpsat_is_valid(speeds):
     assert r.makespan / r.lower_bound - 1 < 0.01
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_aggregated_relaxation_bound_on_tiny_instances(monkeypatch, seed):
+    """Aggregated mode (few classes + fluid) forced on tiny instances: its bound stays valid."""
+    monkeypatch.setattr(bp, "EXACT_MAX_VARS", 0)
+    monkeypatch.setattr(bp, "AGG_MAX_VARS", 4)
+    work, speeds = tiny_instance(seed)
+    opt = brute_force_opt(work, speeds)
+    r = pack_cpsat(work, speeds, time_limit_s=0.3)
+    check_result(r, work, speeds)
+    assert r.lower_bound <= opt * (1 + 1e-12) + 1e-300
+    assert r.makespan >= opt * (1 - 1e-12)
+
+
 def test_many_equal_jobs_use_lossless_counted_types():
     """Token-count-like work: few distinct values, so the exact model holds counted types."""
     rng = np.random.default_rng(4)
@@ -314,13 +333,27 @@ def test_edge_cases(f, work, speeds, expected):
     assert r.status == "OPTIMAL"  # each of these is proven by the lower bound
 
 
-def test_deterministic():
-    rng = np.random.default_rng(5)
-    work, speeds = rng.lognormal(0, 1, 30), np.array([1.0, 1.0, 2.0, 2.0])
-    a = pack(work, speeds, time_limit_s=1.0, seed=3)
-    b = pack(work, speeds, time_limit_s=1.0, seed=3)
+@pytest.mark.parametrize("speeds", [np.ones(3), np.array([1.0, 2.0, 2.0])])
+def test_deterministic(speeds):
+    """Same inputs and seed, same assignment (these solves end by proof, not by the clock)."""
+    work = np.random.default_rng(5).lognormal(0, 1, 12)
+    a = pack_cpsat(work, speeds, time_limit_s=5.0, seed=3)
+    b = pack_cpsat(work, speeds, time_limit_s=5.0, seed=3)
+    assert a.status == "OPTIMAL"
     np.testing.assert_array_equal(a.assignment, b.assignment)
-    assert (a.makespan, a.method) == (b.makespan, b.method)
+    big = np.random.default_rng(6).lognormal(0, 1, 20_000)
+    for f in (pack_lpt, pack_multifit, pack_kk, lambda w, s: pack(w, s, time_limit_s=2.0)):
+        np.testing.assert_array_equal(f(big, speeds).assignment, f(big, speeds).assignment)
+
+
+@pytest.mark.parametrize("mode", ["loads", "none"])
+@pytest.mark.parametrize("seed", [1, 2, 3, 6, 7, 9])
+def test_alternative_symmetry_breaking_is_valid(monkeypatch, mode, seed):
+    monkeypatch.setattr(bp, "SYMMETRY_BREAKING", mode)
+    work, speeds = tiny_instance(seed)
+    cp = pack_cpsat(work, speeds, time_limit_s=2.0)
+    assert cp.status == "OPTIMAL"
+    assert cp.makespan == pytest.approx(brute_force_opt(work, speeds), rel=REL, abs=1e-12)
 
 
 def test_solver_failure_falls_back_to_lpt(monkeypatch):
@@ -350,10 +383,12 @@ def test_bad_inputs():
 def test_hint_is_used_and_result_never_worse_than_heuristics():
     rng = np.random.default_rng(6)
     work, speeds = rng.lognormal(0, 1, 40), np.ones(4)
-    r = pack(work, speeds, time_limit_s=2.0)
+    r = pack(work, speeds, time_limit_s=1.0)
     check_result(r, work, speeds)
     for f in (pack_lpt, pack_multifit, pack_kk):
         assert r.makespan <= f(work, speeds).makespan
-    cp = pack_cpsat(work, speeds, time_limit_s=2.0, hint=pack_kk(work, speeds).assignment)
+    kk = pack_kk(work, speeds)
+    cp = pack_cpsat(work, speeds, time_limit_s=1.0, hint=kk.assignment)
     check_result(cp, work, speeds)
+    assert cp.makespan <= kk.makespan * (1 + 1e-9)  # never worse than its warm start
     assert bp.EXACT_MAX_VARS >= 40 * 4  # this instance uses the exact model

@@ -56,7 +56,25 @@ def test_plan_quality_on_paper_setting(paper, paper_offline):
     assert base.makespan_s >= plan.lower_bound_s and paper_offline[1].makespan_s >= plan.lower_bound_s
 
 
-def test_order_is_longest_work_first(paper, paper_offline):
+def test_short_tail_order_when_kv_bound(paper):
+    cl, reqs = paper
+    import dataclasses
+    g = dataclasses.replace(cl.groups[0], kv_capacity_tokens=2500)    # 8 longest do not fit together
+    cl = dataclasses.replace(cl, groups=(g,))
+    plan = make_plan(cl, reqs, method="lpt")
+    by_id = {q.id: q for q in reqs}
+    pos = {q.id: k for k, q in enumerate(reqs)}
+    n_tail = 4 * g.max_batch_size
+    for ids in plan.order.values():
+        head, tail = ids[:-n_tail], ids[-n_tail:]
+        assert [pos[i] for i in head] == sorted(pos[i] for i in head)
+        w = request_work(g, np.array([by_id[i].prompt_tokens for i in ids]),
+                         np.array([by_id[i].output_tokens for i in ids]))
+        assert np.all(np.diff(w[-n_tail:]) <= 1e-12)              # tail: longest first
+        assert w[-n_tail:].max() <= np.sort(w)[n_tail]            # and only the smallest requests
+
+
+def test_longest_first_when_kv_allows(paper, paper_offline):
     cl, reqs = paper
     plan = paper_offline[0].info["plan"]
     by_id = {q.id: q for q in reqs}
@@ -65,6 +83,16 @@ def test_order_is_longest_work_first(paper, paper_offline):
         w = request_work(g, np.array([by_id[i].prompt_tokens for i in ids]),
                          np.array([by_id[i].output_tokens for i in ids]))
         assert np.all(np.diff(w) <= 1e-12)
+
+
+def test_longest_first_order_option():
+    from hybrid_ray.planner.plan import start_order
+    idx = np.arange(10)
+    work = np.array([3, 1, 4, 1, 5, 9, 2, 6, 5, 3], float)
+    assert start_order(idx, work, batch=1, mode="longest").tolist() == [5, 7, 4, 8, 2, 0, 9, 6, 1, 3]
+    # short tail of 4 (batch 1): the 4 smallest (1, 1, 2, 3 -> ids 6, 0 or 9...) go last, longest first
+    out = start_order(idx, work, batch=1, mode="short-tail").tolist()
+    assert out[:6] == [0, 2, 4, 5, 7, 8] and out[6:] == [9, 6, 1, 3]
 
 
 def test_estimate_formula_single_request():

@@ -11,9 +11,10 @@ the actor only carries the decisions out (``add``, ``take_back`` + ``add``) and 
   which requests to recompute (``replica_failed``);
 * decision latencies (wall time of each router / controller call) and message counts.
 
-A failed replica looks, to the router and controller, infinitely loaded and with nothing to
-move. If a router still picks it (round robin, or a plan made before the failure), the request
-goes to the least-loaded live replica instead (the baseline's ``LeastLoadedRouter``).
+A failed replica looks, to the router, infinitely loaded and with nothing to move, and the
+controller does not see it at all. If a router still picks it (round robin, or a plan made
+before the failure), the request goes to the least-loaded live replica instead (the baseline's
+``LeastLoadedRouter``).
 """
 from __future__ import annotations
 
@@ -115,13 +116,13 @@ class ControllerActor:
         """Route newly arrived sequences with the scheduler's router; returns each one's replica."""
         self.msgs["route"] += 1
         async with self._lock:
-            return await self._route(seqs)
+            return await self._route(seqs, at=float("-inf"))
 
     async def requeue(self, seqs: list[Sequence]) -> list[int]:
         """Route fresh copies of a failed replica's unfinished requests over the live replicas."""
         self.msgs["requeue"] += 1
         async with self._lock:
-            return await self._route(seqs)
+            return await self._route(seqs, at=self.clock.now() if self.clock else None)
 
     async def replica_failed(self, index: int) -> list[str]:
         """Mark a replica dead; return the ids last sent there (the driver drops finished ones)."""
@@ -149,7 +150,7 @@ class ControllerActor:
         return out
 
     # -- decisions carried out --------------------------------------------------------------------
-    async def _route(self, seqs: list[Sequence]) -> list[int]:
+    async def _route(self, seqs: list[Sequence], at: float | None) -> list[int]:
         if not seqs:
             return []
         loads = self.loads()
@@ -167,10 +168,10 @@ class ControllerActor:
         groups: dict[int, list[Sequence]] = {}
         for s, t in zip(seqs, targets):
             groups.setdefault(t, []).append(s)
-        await asyncio.gather(*(self._add(t, group) for t, group in sorted(groups.items())))
+        await asyncio.gather(*(self._add(t, group, at) for t, group in sorted(groups.items())))
         return targets
 
-    async def _add(self, i: int, seqs: list[Sequence]) -> bool:
+    async def _add(self, i: int, seqs: list[Sequence], at: float | None) -> bool:
         """Send ``seqs`` to replica ``i``; on failure they stay booked there, for the driver's requeue."""
         self.next_tag[i] += 1
         tag = self.next_tag[i]
@@ -183,7 +184,7 @@ class ControllerActor:
             self.where[s.id] = i
         self.msgs["add"] += 1
         try:
-            await self._call(self.handles[i].add.remote(seqs, tag))
+            await self._call(self.handles[i].add.remote(seqs, tag, at))
             return True
         except Exception:
             self.dead.add(i)             # the driver confirms through its own poll and requeues
@@ -198,9 +199,10 @@ class ControllerActor:
                 await self._rebalance()
 
     async def _rebalance(self) -> None:
-        loads = self.loads()
+        loads = [r for r in self.loads() if r.index not in self.dead]   # controllers pair replicas by .index
+        now = self.clock.now()
         t0 = time.perf_counter()
-        moves = self.ctrl.rebalance(loads, self.clock.now())
+        moves = self.ctrl.rebalance(loads, now)
         self.stats.rebalance_latency_s.append(time.perf_counter() - t0)
         for m in moves or ():
             if m.src == m.dst or m.src in self.dead or m.dst in self.dead or m.count <= 0:
@@ -221,7 +223,7 @@ class ControllerActor:
                                          s.predicted_output) for s in taken)
                 self.deltas[m.src].append(_Delta(tag, -len(taken), -work))
             self.stats.moves += len(taken)
-            await self._add(m.dst, taken)
+            await self._add(m.dst, taken, now)
 
     async def _call(self, ref):
         return await asyncio.wait_for(asyncio.wrap_future(ref.future()), self.call_timeout_s)

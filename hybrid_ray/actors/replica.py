@@ -6,12 +6,17 @@ execute, ``complete``. It awaits an ``asyncio.Event`` when there is nothing to r
 ``take_back`` and ``poll`` are served between iterations on the actor's event loop; no locks are
 needed because nothing else runs while an iteration's bookkeeping executes.
 
-Time. Every time recorded in the ``ReplicaState`` is modelled (``clock.py``). While the replica
-has work, iterations run back to back on the modelled axis (start = previous end), exactly as
-the engine would run them; host overhead between iterations is not GPU time, and the engine's
-pacing keeps real time in step (``EmulatedEngine.behind_s`` says how far it fell behind). After
-an idle wait, the next iteration starts at the real time it was woken (``clock.now()``), and
-never before the arrival of a request it prefills, so online arrivals see real time.
+Time. Every time recorded in the ``ReplicaState`` is modelled (``clock.py``), and modelled time
+excludes the runtime's own overheads (Python between iterations, Ray messages), as in the
+simulator: while the replica has work, iterations run back to back (start = previous end), as
+the engine would run them, and the engine's pacing keeps real time in step
+(``EmulatedEngine.behind_s`` says how far the host fell behind). Work that is added becomes
+visible to the policy only when the replica's modelled clock reaches its *visible time*: a
+request's arrival (routing is instantaneous in the model, as in the simulator), or the
+controller's clock when it moved or recomputed the work. Until then it waits in ``_arriving``,
+so a replica that runs behind real time never sees a request before it arrived (which would
+let a prefill-first policy stall its batch waiting for it); an idle replica jumps its clock to
+the next visible time.
 
 Reports. A ``LoadReport`` is pushed to the controller after every iteration that finished a
 request, when the replica goes idle, and otherwise every ``report_interval_s`` *real* seconds
@@ -22,8 +27,10 @@ applied, so the controller can tell which of its own changes a report already re
 from __future__ import annotations
 
 import asyncio
+import bisect
+import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from ..config import ReplicaSpec
@@ -53,6 +60,10 @@ class ReplicaStats:
     take_backs: int = 0
     polls: int = 0
     behind_s: float = 0.0
+    added: int = 0             # sequences added
+    late: int = 0              # ... that reached it after its modelled clock had run past their visible time
+    late_sum_s: float = 0.0    # by how much in all (modelled seconds): Ray latency / time_scale
+    late_max_s: float = 0.0
     stopped: bool = False
     errors: list[str] = field(default_factory=list)
 
@@ -69,12 +80,15 @@ class ReplicaActor:
         self.controller = None             # ControllerActor handle, set by start()
         self.tag = 0                       # controller's number of the last add/take_back applied
         self.stats = ReplicaStats(spec.name)
+        self._arriving: list[tuple[float, int, Sequence]] = []   # (visible at, order, seq), sorted
+        self._order = itertools.count()
         self._done: list[CompletionRecord] = []
         self._wake = asyncio.Event()       # work was added, or stop was asked
         self._has_done = asyncio.Event()   # completions are waiting for a poll
         self._task: asyncio.Task | None = None
         self._stop = False
         self._last_push = 0.0
+        self._started = 0.0                # modelled start of the iteration in flight
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def ready(self) -> str:
@@ -100,22 +114,47 @@ class ReplicaActor:
         For retiring a replica; the replica runs nothing afterwards.
         """
         await self._halt()
-        return self.state.drain_unfinished()
+        out = self.state.drain_unfinished() + [s for _, _, s in self._arriving]
+        self._arriving.clear()
+        return out
 
     # -- work in and out ------------------------------------------------------------------------
-    async def add(self, seqs: list[Sequence], tag: int = 0) -> int:
-        """Queue sequences (routed or moved here); returns the number waiting."""
-        self.state.add(seqs)
+    async def add(self, seqs: list[Sequence], tag: int = 0, at: float | None = None) -> int:
+        """Queue sequences (routed or moved here); returns how many are queued or arriving.
+
+        ``at``: modelled time of the decision, before which the policy must not see them;
+        None = now on the run's clock. Arrivals pass -inf: their own arrival times bound it.
+        """
+        if at is None:
+            at = self.clock.now() if self.clock is not None else self.t
+        ref = self._started if self.state.current is not None else self.t   # where the model already is
+        st = self.stats
+        for s in seqs:
+            visible = max(at, s.req.arrival_s)
+            if visible < ref:
+                st.late += 1
+                st.late_sum_s += ref - visible
+                st.late_max_s = max(st.late_max_s, ref - visible)
+            bisect.insort(self._arriving, (visible, next(self._order), s))
+        st.added += len(seqs)
         self.tag = max(self.tag, tag)
         self.stats.adds += 1
         self._wake.set()
-        return len(self.state.waiting)
+        return len(self.state.waiting) + len(self._arriving)
 
     async def take_back(self, count: int, tag: int = 0) -> list[Sequence]:
-        """Remove up to ``count`` waiting sequences that never started (for the controller's moves)."""
+        """Remove up to ``count`` sequences that never started (for the controller's moves).
+
+        Not yet visible ones first (the newest), then the queue's, newest first as the simulator's.
+        """
         self.tag = max(self.tag, tag)
         self.stats.take_backs += 1
-        return self.state.take_back(count)
+        out: list[Sequence] = []
+        while self._arriving and len(out) < count:
+            out.append(self._arriving.pop()[2])
+        if len(out) < count:
+            out += self.state.take_back(count - len(out))
+        return out
 
     async def poll(self, wait_s: float = 0.0) -> PollResult:
         """Completions since the last poll; waits up to ``wait_s`` real seconds for the first one.
@@ -136,35 +175,52 @@ class ReplicaActor:
         return PollResult(out, self.report(), self.stats.iterations, self._behind())
 
     def report(self) -> LoadReport:
-        return self.state.report(self._now_for_report())
+        """The state's load report, counting sequences not yet visible as queued."""
+        state = self.state
+        busy = state.current is not None or state.has_work
+        now = self.t if busy or self.clock is None else max(self.t, self.clock.now())
+        rep = state.report(now)
+        if not self._arriving:
+            return rep
+        n = len(self._arriving)
+        work = sum(state.estimate(s.req.prompt_tokens, s.predicted_output) for _, _, s in self._arriving)
+        return replace(rep, waiting=rep.waiting + n, movable=rep.movable + n, queued_work_s=rep.queued_work_s + work,
+                       predicted_finish_s=rep.predicted_finish_s + work)
 
     async def get_stats(self) -> ReplicaStats:
         self.stats.behind_s = self._behind()
         return self.stats
 
     # -- the loop -------------------------------------------------------------------------------
+    def _admit(self) -> None:
+        """Make visible what has arrived by the replica's modelled time (in arrival order)."""
+        arriving = self._arriving
+        k = 0
+        while k < len(arriving) and arriving[k][0] <= self.t:
+            k += 1
+        if k:
+            self.state.add([s for _, _, s in arriving[:k]])
+            del arriving[:k]
+
     async def _run(self) -> None:
         assert self.clock is not None
         await self.clock.wait_until(self.clock.t_first)
-        woke = False
         state = self.state
         try:
             while not self._stop:
+                self._admit()
                 if not state.has_work or start_iteration(state, self.policy) is None:
+                    if self._arriving:                 # idle until the next visible time
+                        self.t = max(self.t, self._arriving[0][0])
+                        self.engine.reset_pace()
+                        continue
                     self._push()                       # going idle: the controller should know
                     self._wake.clear()
                     await self._wake.wait()
-                    woke = True
+                    self.engine.reset_pace()
                     continue
                 it = state.current
-                start = self.t
-                if woke:                               # idle until now: real time passed
-                    start = max(start, self.clock.now())
-                    self.engine.reset_pace()
-                    woke = False
-                for s, _ in it.prefill:                # causality: not before a request arrives
-                    if s.req.arrival_s > start:
-                        start = s.req.arrival_s
+                start = self._started = self.t
                 res = await self.engine.execute(it, state)
                 end = start + res.duration_s
                 done = state.complete(it, start, end)
@@ -194,18 +250,11 @@ class ReplicaActor:
         if self._task is not None:
             try:
                 await self._task
-            except Exception:
+            except Exception:                          # noqa: BLE001 -- recorded in stats.errors
                 pass
         self.stats.stopped = True
 
     # -- helpers --------------------------------------------------------------------------------
-    def _now_for_report(self) -> float:
-        if self.clock is None:
-            return self.t
-        if self.state.current is not None or self.state.has_work:
-            return self.t                              # busy: the modelled axis is the replica's own
-        return max(self.t, self.clock.now())
-
     def _push(self) -> None:
         self._last_push = time.time()
         if self.controller is None:

@@ -28,8 +28,10 @@ Sort work w_(1) >= ... >= w_(n) and speeds s_(1) >= ... >= s_(m). The bound is t
 
 Every term is a valid bound, so the maximum is; it is shrunk by a relative 4 (n + m) * 2^-52 so
 that floating-point summation can never lift it above a makespan computed from the same floats.
-If all work is integral and the machines identical, every makespan is (integer load) / s, so the
-bound is then rounded up to ceil(LB * s) / s.
+If all work is integral and every speed is exactly a rational a_m / b_m (b_m <= 1000; identical
+speeds always qualify), every makespan is an integer multiple of 1 / lam, lam = lcm(a) / gcd(b)
+(see the exact mode below), so the bound is rounded up to ceil(LB * lam) / lam; for identical
+machines that is ceil(LB * s) / s.
 
 MIP (``pack_cpsat``, CP-SAT)
 ----------------------------
@@ -78,8 +80,9 @@ of the per-job assignment, never from the integers.
 
 Exact mode, used when (#distinct positive work values) * m <= EXACT_MAX_VARS = 12,000: one type
 per distinct work value (equal jobs collapse into one counted type, which is lossless), no fluid.
-  * integral work on identical machines (e.g. token counts, total <= 2^50): tau = 1 / s, p = w
-    exactly, no rounding at all (loss = 0);
+  * integral work (e.g. token counts) and speeds that are rationals a_m / b_m with b_m <= 1000
+    (identical speeds always are): lam = lcm(a) / gcd(b), k_m = lam / s_m (an integer),
+    tau = 1 / lam, p_tm = w_t k_m exactly - no rounding at all (loss = 0; total * k <= 2^50);
   * otherwise tau = LB / U with U = min(1e10 * n, 2^44) (further capped so no linear expression
     can exceed 2^60): loss = n units, i.e. a relative n / U (1e-10 for n <= 1,759).
 CP-SAT stops when T - B <= loss + 2 units (0.5 when integral) - reported ``OPTIMAL``: the
@@ -132,6 +135,7 @@ import heapq
 import math
 import time
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 
@@ -163,7 +167,7 @@ MULTIFIT_MAX_JOBS = 5_000  # pack(): run multifit only up to this many jobs (O(i
 KK_MAX_CELLS = 200_000  # pack(): run KK only while n * m stays below this (O(n m log m))
 _MAX_ACTIVITY = 2.0**60  # keep every CP-SAT linear expression far from int64 overflow
 _COEF_SHRINK = 1.0 - 1e-14  # applied before floor() so float division never rounds a coefficient up
-_INT_MAX_TOTAL = 2.0**50  # integral work on identical machines is modelled in work units, unscaled
+_INT_MAX_TOTAL = 2.0**50  # integral work with rational speeds is modelled exactly, unscaled
 _EPS = float(np.finfo(np.float64).eps)
 
 
@@ -251,10 +255,10 @@ def _lower_bound(w: np.ndarray, s: np.ndarray) -> float:
         hi = r * m + 1
         lb = max(lb, float(np.max(csum[hi] - csum[hi - r - 1])) / ss[0])
     lb *= 1.0 - 4.0 * (n + m) * _EPS
-    s0 = float(ss[0])
-    if ss[-1] == s0 and total <= 2.0**52 and np.all(ws == np.floor(ws)):
-        # integral work on identical machines: every makespan is (integer load) / s
-        lb = math.ceil(lb * s0) / s0
+    if total <= 2.0**52 and np.all(ws == np.floor(ws)):
+        _, lam, exact = _speed_multipliers(s)
+        if exact:  # integral work: every makespan is max_m load_m * k_m / lam, a multiple of 1/lam
+            lb = math.ceil(lb * lam) / lam
     return lb
 
 
@@ -311,11 +315,14 @@ def _lpt_fill(
         for h in heaps:
             for ld, i in h:
                 loads[i] = ld
-    else:  # many distinct speeds: one vectorised argmin per job
+    else:  # many distinct speeds: one vectorised argmin per job, machines fastest first
+        rank = np.lexsort((np.arange(s.size), -s))  # position -> machine
+        ld, sp = loads[rank].copy(), s[rank]
         for k, wj in enumerate(wl):
-            i = int(np.argmin((loads + wj) / s))
-            out[k] = i
-            loads[i] += wj
+            r = int(np.argmin((ld + wj) / sp))
+            out[k] = rank[r]
+            ld[r] += wj
+        loads[rank] = ld
     assignment[jobs] = out
 
 
@@ -483,12 +490,14 @@ def _build(w: np.ndarray, s: np.ndarray, lb: float) -> _Model:
     activity_cap = _MAX_ACTIVITY / (math.fsum(s.tolist()) / float(s.min()))
     vals, inv = np.unique(w[pos], return_inverse=True)
     if vals.size * m <= EXACT_MAX_VARS:
-        integral = (
-            _identical(s) and bool(np.all(vals == np.round(vals)))
-            and math.fsum(w[pos].tolist()) <= _INT_MAX_TOTAL
-        )
-        if integral:  # e.g. token counts: one unit = one unit of work, no rounding at all
-            tau, loss = 1.0 / float(s[0]), 0
+        mult, lam = None, 0.0
+        total = math.fsum(w[pos].tolist())
+        if total <= _INT_MAX_TOTAL and bool(np.all(vals == np.round(vals))):
+            mult, lam, _ = _speed_multipliers(s)
+            if mult is not None and total * float(mult.max()) > _INT_MAX_TOTAL:
+                mult = None
+        if mult is not None:  # e.g. token counts: p_tm = w_t * k_m exactly, no rounding at all
+            tau, loss = 1.0 / lam, 0
         else:
             U = min(EXACT_RESOLUTION_PER_JOB * max(1, pos.size), EXACT_RESOLUTION_MAX, activity_cap)
             tau, loss = lb / U, int(pos.size)
@@ -522,11 +531,34 @@ def _build(w: np.ndarray, s: np.ndarray, lb: float) -> _Model:
         fluid = max(0, int(math.floor(w_small / g)) - m - 1)
         exact = False
     if exact and loss == 0:
-        p = np.repeat(np.round(reps).astype(np.int64)[:, None], m, axis=1)
+        p = np.round(reps).astype(np.int64)[:, None] * mult[None, :]
     else:
         p = np.floor(reps[:, None] / (s[None, :] * tau) * _COEF_SHRINK).astype(np.int64)
     counts = np.array([len(x) for x in members], dtype=np.int64)
     return _Model(exact, tau, loss, members, counts, p, small, g, q, fluid)
+
+
+def _speed_multipliers(s: np.ndarray) -> tuple[np.ndarray | None, float, bool]:
+    """Integers k_m and lam with s_m * k_m = lam for all m, if the speeds are (up to float
+    rounding) rationals with denominators <= 1000 and k_m stays small; else (None, 0, False).
+
+    With integral work, time in units of 1 / lam is then w_j * k_m: an exact integer model.
+    The flag says whether every speed equals its fraction exactly (no float rounding at all).
+    """
+    fr = {}
+    exact = True
+    for x in np.unique(s).tolist():
+        f = Fraction(x).limit_denominator(1000)
+        if abs(float(f) - x) > 4.0 * _EPS * x:
+            return None, 0.0, False
+        exact = exact and f == Fraction(x)
+        fr[x] = f
+    num = math.lcm(*(f.numerator for f in fr.values()))
+    den = math.gcd(*(f.denominator for f in fr.values()))
+    k = {x: (num // f.numerator) * (f.denominator // den) for x, f in fr.items()}
+    if max(k.values()) > 1_000_000:
+        return None, 0.0, False
+    return np.array([k[x] for x in s.tolist()], dtype=np.int64), num / den, exact
 
 
 def _speed_groups(s: np.ndarray) -> list[np.ndarray]:

@@ -67,3 +67,22 @@ def sequence_work(cost: CostModel, max_batch: int, kv_capacity: int, prompt: int
 def work_matrix(cluster: ClusterSpec, prompt: np.ndarray, output: np.ndarray) -> np.ndarray:
     """work[g, j]: request j's estimated seconds on a replica of group g."""
     return np.stack([request_work(g, prompt, output) for g in cluster.groups])
+
+
+def request_latency(group: ReplicaGroupSpec, prompt: np.ndarray, output: np.ndarray) -> np.ndarray:
+    """Seconds a request takes from its prefill to its last token inside a busy batch.
+
+    A replica cannot finish before its longest request does, whatever its throughput: on a slow
+    model with a big batch (high throughput, slow tokens) one long request can set the makespan.
+    """
+    prompt = np.asarray(prompt, dtype=np.float64)
+    output = np.asarray(output, dtype=np.float64)
+    b = effective_batch(group, prompt, output)
+    ctx = float(np.mean(prompt + output / 2.0)) if len(prompt) else 0.0
+    step = group.cost_model.decode_time(int(round(b)), int(round(b * ctx)))
+    return prefill_alone(group.cost_model, prompt) + np.maximum(output - 1, 0) * step
+
+
+def latency_matrix(cluster: ClusterSpec, prompt: np.ndarray, output: np.ndarray) -> np.ndarray:
+    """latency[g, j]: request j's time in a busy batch of group g."""
+    return np.stack([request_latency(g, prompt, output) for g in cluster.groups])

@@ -1,0 +1,707 @@
+"""`hybrid-ray run`: the Ray driver. Start or reach Ray, plan, place actors, dispatch, collect, resume.
+
+One policy code path: each ``ReplicaActor`` runs ``scheduler.policy_factory(state)`` on its own
+``ReplicaState``; the ``ControllerActor`` runs ``scheduler.router`` and ``scheduler.controller``;
+the driver only moves requests and results around. Ray is imported inside functions, so
+``import hybrid_ray`` and ``hybrid-ray simulate`` never load it.
+
+Driver loop (real time): send each arrival to the controller when its scaled arrival time comes
+(the first batch before the clock starts), long-poll every replica for completions (an answer is
+also its heartbeat), append completions to the ``--output`` JSONL as they come, print progress.
+A replica whose poll fails with ``RayActorError`` or stays unanswered past the heartbeat timeout
+is declared failed (and killed, so it cannot finish anything late): every request booked there
+that has not finished is recomputed from its prompt on the survivors. If none survive, the run
+stops with the unfinished ids, also written to a file, and ``--resume`` picks up from the output.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import ClusterSpec, ReplicaGroupSpec
+from .errors import HybridRayError
+from .inputs import DEFAULT_CONFIG, DEFAULT_WORKLOAD, load_inputs
+from .replica import FINISHED, LoadReport, ReplicaState, Sequence
+from .results import CompletionRecord, ResultsWriter, read_results
+from .workload import Request
+
+log = logging.getLogger(__name__)
+
+UNFINISHED_DEFAULT = "hybrid-ray-unfinished.txt"
+
+
+class RuntimeSetupError(HybridRayError):
+    """Ray could not be started or reached, or the cluster cannot host the replicas."""
+
+
+class ReplicasLostError(HybridRayError):
+    """Every replica failed; ``unfinished`` lists the request ids left, also written to ``path``."""
+
+    def __init__(self, message: str, unfinished: list[str], path: str):
+        super().__init__(message)
+        self.unfinished = unfinished
+        self.path = path
+
+
+@dataclass(slots=True)
+class RunOptions:
+    config: str = DEFAULT_CONFIG
+    workload: str = DEFAULT_WORKLOAD
+    policy: str = "baseline"
+    limit: int | None = None
+    seed: int | None = None
+    address: str | None = None            # None/"local": start a local Ray; "auto", "host:port", "ray://host:port"
+    output: str | None = None             # results JSONL, appended as requests finish
+    resume: str | None = None             # results JSONL of an earlier run: skip its requests, append to it
+    time_scale: float | None = None       # override the cluster's time_scale
+    report_interval_s: float = 0.1        # real seconds between a busy replica's load pushes
+    cpus_per_replica: float | None = None # replace every group's resources by {CPU: x} (emulate on CPUs)
+    plan_method: str = "cpsat"
+    plan_time_limit_s: float = 5.0
+    plan_workers: int = 2
+    poll_wait_s: float = 0.25             # long-poll wait: a quiet replica answers this often
+    min_poll_gap_s: float = 0.02          # at most ~50 polls/s per replica while completions flow
+    heartbeat_timeout_s: float = 10.0     # unanswered poll for this long (beyond poll_wait_s) = failed
+    connect_timeout_s: float = 15.0
+    startup_timeout_s: float = 60.0       # actors placed and constructed within this
+    progress: bool = True
+
+
+@dataclass(slots=True)
+class RunResult:
+    summary: Any                          # metrics.Summary (None when nothing was left to run)
+    record: Any                           # simulator.RunRecord
+    wall_s: float                         # whole command: Ray start, planning, run, collection
+    run_wall_s: float                     # from the clock's start to the last completion
+    time_scale: float
+    failed_replicas: list[str] = field(default_factory=list)
+    requeued: int = 0
+    controller_decision_p99_s: float = 0.0
+    messages: dict = field(default_factory=dict)
+    messages_per_request: float = 0.0
+    max_lag_s: float = 0.0                # worst real-time lag of a replica behind its modelled schedule
+    late_adds: int = 0                    # sequences that reached a replica after its clock passed their arrival
+    late_mean_s: float = 0.0              # ... by this much on average (modelled s; Ray latency / time_scale)
+    late_max_s: float = 0.0
+    skipped: int = 0                      # requests already in the --resume file
+    duplicates_ignored: int = 0
+    plan: Any = None
+    output: str | None = None
+
+    def to_dict(self) -> dict:
+        """``simulate``'s JSON keys plus the runtime's own."""
+        data = self.summary.to_dict() if self.summary is not None else {}
+        data.update(wall_s=self.wall_s, run_wall_s=self.run_wall_s, time_scale=self.time_scale,
+                    failed_replicas=len(self.failed_replicas), failed_replica_names=list(self.failed_replicas),
+                    requeued=self.requeued, controller_decision_p99_s=self.controller_decision_p99_s,
+                    messages=dict(self.messages), messages_per_request=self.messages_per_request,
+                    max_lag_s=self.max_lag_s, late_adds=self.late_adds, late_mean_s=self.late_mean_s,
+                    late_max_s=self.late_max_s, resumed_skipped=self.skipped,
+                    duplicates_ignored=self.duplicates_ignored, output=self.output)
+        return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray session and resources
+# ---------------------------------------------------------------------------------------------
+
+def _split_host_port(address: str) -> tuple[str, int]:
+    rest = address.removeprefix("ray://")
+    default = 10001 if address.startswith("ray://") else 6379
+    host, sep, port = rest.rpartition(":")
+    if not sep:
+        return rest, default
+    try:
+        return host.strip("[]"), int(port)
+    except ValueError:
+        raise RuntimeSetupError(f"--address {address!r}: port {port!r} is not a number") from None
+
+
+def connect_ray(address: str | None, num_cpus: int | None = None, timeout_s: float = 15.0) -> bool:
+    """Start a local Ray (address None/"local") or connect; True if this call initialised Ray.
+
+    Never hangs: a host:port is probed over TCP first, and ``ray.init`` gets ``timeout_s``
+    (it otherwise retries an unreachable GCS for minutes).
+    """
+    import ray
+
+    local = address in (None, "", "local")
+    if not local and address.startswith(("http://", "https://")):
+        raise RuntimeSetupError(
+            f"--address {address}: that is a dashboard / job-submission address; submit with "
+            f"`ray job submit --address {address} -- hybrid-ray run --address auto ...`, or give the "
+            f"GCS address (HEAD:6379) or a Ray Client address (ray://HEAD:10001)")
+    if not local and address != "auto":
+        host, port = _split_host_port(address)
+        try:
+            socket.create_connection((host, port), timeout=min(5.0, timeout_s)).close()
+        except OSError as e:
+            raise RuntimeSetupError(
+                f"--address {address}: cannot reach {host}:{port} ({e.strerror or e}); start a cluster "
+                f"with `ray start --head` (or `ray up`), or check the address") from None
+    if ray.is_initialized():
+        return False
+    if local:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+        return True
+    box: dict[str, BaseException | bool] = {}
+
+    def _init() -> None:
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+            box["ok"] = True
+        except BaseException as e:   # noqa: BLE001 -- reported to the caller below
+            box["error"] = e
+
+    thread = threading.Thread(target=_init, name="hybrid-ray-connect", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise RuntimeSetupError(
+            f"--address {address}: no Ray cluster answered within {timeout_s:.0f} s; give the head's GCS "
+            f"address (HEAD:6379), a Ray Client address (ray://HEAD:10001), or `auto` on a cluster node")
+    if "error" in box:
+        e = box["error"]
+        raise RuntimeSetupError(f"--address {address}: cannot connect to Ray: {e}") from None
+    return True
+
+
+def group_resources(cluster: ClusterSpec, cpus_per_replica: float | None) -> dict[str, dict[str, float]]:
+    """Ray resources of one replica actor, by group (the YAML's, or ``{CPU: x}`` when overridden)."""
+    if cpus_per_replica is not None:
+        return {g.name: {"CPU": float(cpus_per_replica)} for g in cluster.groups}
+    return {g.name: {k: float(v) for k, v in g.resources.items()} for g in cluster.groups}
+
+
+def actor_options(res: dict[str, float]) -> dict:
+    """Ray ``.options(...)`` for a resource mapping: CPU, GPU, memory, and custom resources."""
+    opts: dict[str, Any] = {"num_cpus": res.get("CPU", 0), "num_gpus": res.get("GPU", 0)}
+    if "memory" in res:
+        opts["memory"] = res["memory"]
+    custom = {k: v for k, v in res.items() if k not in ("CPU", "GPU", "memory")}
+    if custom:
+        opts["resources"] = custom
+    return opts
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+def _describe(resources: dict) -> str:
+    keep = {k: v for k, v in resources.items()
+            if not k.startswith(("node:", "object_store_memory", "memory", "accelerator_type"))}
+    return ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(keep.items())) or "nothing"
+
+
+def check_resources(groups: tuple[ReplicaGroupSpec, ...], per_replica: dict[str, dict[str, float]],
+                    total: dict, nodes: list[dict]) -> None:
+    """Fail before creating actors if the cluster cannot host every replica.
+
+    Two checks: each group's per-replica request fits on some node, and the sum over all
+    replicas fits the cluster's totals (Ray would otherwise leave actors pending forever).
+    """
+    hint = ("pass --cpus-per-replica X to emulate the replicas on CPUs, or --address a cluster that has it "
+            "(an autoscaling cluster may need its workers started first)")
+    for g in groups:
+        for key, amount in per_replica[g.name].items():
+            if amount <= 0:
+                continue
+            if not any(n.get(key, 0) >= amount for n in nodes):
+                largest = max((n.get(key, 0) for n in nodes), default=0)
+                raise RuntimeSetupError(
+                    f"group '{g.name}' asks for {_fmt(amount)} {key} per replica, but no node of the Ray cluster "
+                    f"has that much (largest node: {_fmt(largest)} {key}; cluster has {_describe(total)}); {hint}")
+    demand: Counter = Counter()
+    users: dict[str, list[str]] = {}
+    for g in groups:
+        for key, amount in per_replica[g.name].items():
+            if amount > 0:
+                demand[key] += amount * g.count
+                users.setdefault(key, []).append(f"'{g.name}' {g.count} x {_fmt(amount)}")
+    for key, need in demand.items():
+        have = float(total.get(key, 0))
+        if have + 1e-9 < need:
+            raise RuntimeSetupError(
+                f"group {' + '.join(users[key])} {key} = {_fmt(need)} {key} needed, but the Ray cluster has "
+                f"{_fmt(have)} {key} (cluster has {_describe(total)}); {hint}")
+
+
+def _local_cpus(cluster: ClusterSpec, per_replica: dict[str, dict[str, float]]) -> int:
+    """Logical CPUs for a local Ray: enough for every replica actor (emulated engines only sleep)."""
+    need = sum(per_replica[g.name].get("CPU", 0) * g.count for g in cluster.groups)
+    return max(os.cpu_count() or 1, math.ceil(need) + 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress line
+# ---------------------------------------------------------------------------------------------
+
+class Progress:
+    """One status line on stderr: carriage-return updates on a TTY (<= 4/s), plain lines (1/2 s) otherwise."""
+
+    def __init__(self, total: int, enabled: bool = True, stream=None):
+        self.total = total
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.period = 0.25 if self.tty else 2.0
+        self._last = 0.0
+        self._width = 0
+
+    def update(self, done: int, tokens: int, model_elapsed: float, wall: float, queues: list[str],
+               force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not force and now - self._last < self.period:
+            return
+        self._last = now
+        rate = tokens / model_elapsed if model_elapsed > 0 else 0.0
+        line = (f"run: {done}/{self.total} done ({100 * done / max(self.total, 1):.1f} %) | "
+                f"{rate:,.0f} tok/s modelled | t {model_elapsed:.1f} s modelled, {wall:.1f} s wall | "
+                f"queues {' '.join(queues)}")
+        if self.tty:
+            pad = max(0, self._width - len(line))
+            self.stream.write("\r" + line + " " * pad)
+            self._width = len(line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty and self._width:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+# ---------------------------------------------------------------------------------------------
+
+def _p99(values: list[float]) -> float:
+    if not values:
+        return 0.0
+    import numpy as np
+
+    return float(np.percentile(np.asarray(values), 99))
+
+
+def _unfinished_path(output: str | None) -> str:
+    return f"{output}.unfinished.txt" if output else UNFINISHED_DEFAULT
+
+
+class Driver:
+    """One run on Ray. ``hook(driver)`` (tests, tools) is called after each batch of completions.
+
+    Public while running: ``names``, ``handles`` (replica actor handles), ``live`` (indices),
+    ``done`` (requests finished), ``total``.
+    """
+
+    def __init__(self, opts: RunOptions, cluster: ClusterSpec, requests: list[Request], scheduler=None,
+                 hook: Callable[["Driver"], None] | None = None, skipped: int = 0):
+        self.opts = opts
+        self.cluster = cluster
+        self.requests = sorted(requests, key=lambda q: q.arrival_s)
+        self.by_id = {q.id: q for q in self.requests}
+        self.scheduler = scheduler
+        self.hook = hook
+        self.skipped = skipped
+        self.specs = cluster.replicas()
+        self.names = [s.name for s in self.specs]
+        self.total = len(self.requests)
+        self.handles: list = []
+        self.live: set[int] = set()
+        self.controller = None
+        self.planner = None
+        self.plan = None
+        self.completed: dict[str, CompletionRecord] = {}
+        self.failed: list[str] = []
+        self.failure_reasons: dict[str, str] = {}
+        self.requeued = 0
+        self.duplicates = 0
+        self.tokens = 0
+        self.last_finish = 0.0
+        self.reports: list[LoadReport | None] = [None] * len(self.specs)
+        self.behind = [0.0] * len(self.specs)
+        self.msgs: Counter = Counter()
+        self.writer: ResultsWriter | None = None
+        self.unfinished_path = _unfinished_path(opts.output)
+        self.t_first = self.requests[0].arrival_s if self.requests else 0.0
+        self.epoch = 0.0
+        self.replica_stats: list = []
+
+    @property
+    def done(self) -> int:
+        return len(self.completed)
+
+    # -- setup --------------------------------------------------------------------------------------
+    def _make_scheduler(self):
+        import ray
+
+        from .actors import remote_class
+        from .actors.planner import PlannerActor
+        from .policies import build_scheduler, initial_batch, needs_plan
+
+        if self.scheduler is not None:
+            return self.scheduler
+        plan = None
+        if needs_plan(self.opts.policy):
+            self.planner = remote_class(PlannerActor).options(
+                name=f"hybrid-ray-{self.run_id}-planner", num_cpus=0, max_restarts=0).remote()
+            ref = self.planner.plan.remote(self.cluster, initial_batch(self.requests), method=self.opts.plan_method,
+                                           time_limit_s=self.opts.plan_time_limit_s, workers=self.opts.plan_workers,
+                                           seed=self.opts.seed or 0)
+            self.msgs["plan"] += 1
+            ready, _ = ray.wait([ref], timeout=self.opts.plan_time_limit_s + self.opts.startup_timeout_s)
+            if not ready:
+                raise RuntimeSetupError("the planner actor did not answer in time (is the cluster out of CPUs?)")
+            plan = ray.get(ref)
+            self.plan = plan
+            ray.kill(self.planner)
+            self.planner = None
+        return build_scheduler(self.opts.policy, self.cluster, self.requests, plan=plan)
+
+    def _create_actors(self, per_replica: dict[str, dict[str, float]]) -> None:
+        import ray
+
+        from .actors import remote_class
+        from .actors.controller import ControllerActor
+        from .actors.replica import ReplicaActor
+
+        sch = self.scheduler
+        replica_cls = remote_class(ReplicaActor)
+        factory = ray.put(sch.policy_factory)
+        ts = self.cluster.time_scale
+        for spec in self.specs:
+            opts = actor_options(per_replica[spec.group.name])
+            h = replica_cls.options(name=f"hybrid-ray-{self.run_id}-{spec.name}", max_restarts=0,
+                                    max_concurrency=1000, **opts).remote(spec, factory, ts,
+                                                                         self.opts.report_interval_s)
+            self.handles.append(h)
+        refs = {h.ready.remote(): i for i, h in enumerate(self.handles)}
+        self.msgs["ready"] += len(refs)
+        ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=self.opts.startup_timeout_s)
+        if pending:
+            names = [self.names[refs[r]] for r in pending]
+            groups = sorted({self.specs[refs[r]].group.name for r in pending})
+            raise RuntimeSetupError(
+                f"replica actor(s) {', '.join(names[:8])}{' ...' if len(names) > 8 else ''} of group(s) "
+                f"{', '.join(groups)} not placed within {self.opts.startup_timeout_s:.0f} s; they ask for "
+                f"{per_replica[groups[0]]}; the cluster has {_describe(ray.cluster_resources())} "
+                f"({_describe(ray.available_resources())} free)")
+        ray.get(ready)                     # surfaces constructor errors
+        self.live = set(range(len(self.handles)))
+        self.controller = remote_class(ControllerActor).options(
+            name=f"hybrid-ray-{self.run_id}-controller", num_cpus=0, max_restarts=0, max_concurrency=1000,
+        ).remote(self.cluster, sch.router, sch.controller, self.handles, ts)
+        ray.get(self.controller.ready.remote(), timeout=self.opts.startup_timeout_s)
+        self.msgs["ready"] += 1
+
+    # -- run ----------------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        import ray
+
+        t_wall0 = time.perf_counter()
+        self.run_id = uuid.uuid4().hex[:8]
+        per_replica = group_resources(self.cluster, self.opts.cpus_per_replica)
+        owns = connect_ray(self.opts.address, _local_cpus(self.cluster, per_replica), self.opts.connect_timeout_s)
+        progress = Progress(self.total, self.opts.progress)
+        try:
+            check_resources(self.cluster.groups, per_replica, ray.cluster_resources(),
+                            [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+            self.scheduler = self._make_scheduler()
+            if self.opts.output:
+                self.writer = ResultsWriter(self.opts.output, append=True)
+            self._create_actors(per_replica)
+            run_wall = self._loop(progress)
+            states, cstats = self._collect()
+        finally:
+            progress.close()
+            if self.writer is not None:
+                self.writer.close()
+            self._kill_all()
+            if owns:
+                ray.shutdown()
+        return self._result(states, cstats, time.perf_counter() - t_wall0, run_wall)
+
+    def _loop(self, progress: Progress) -> float:
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        from .actors.clock import ModelClock
+
+        sch, ctrl, reqs, opts = self.scheduler, self.controller, self.requests, self.opts
+        n = len(reqs)
+        k = 0
+        while k < n and reqs[k].arrival_s == self.t_first:
+            k += 1
+        if k:
+            self._await(ctrl.route.remote([sch.make_sequence(q) for q in reqs[:k]]), "route the first batch")
+            self.msgs["route"] += 1
+        self.epoch = time.time() + 0.05            # the start reaches every actor before the clock runs
+        clock = ModelClock(self.epoch, self.t_first, self.cluster.time_scale)
+        starts = [h.start.remote(self.epoch, self.t_first, ctrl) for h in self.handles]
+        starts.append(ctrl.start.remote(self.epoch, self.t_first))
+        self.msgs["start"] += len(starts)
+        self._await_all(starts, "start the actors")
+        poll_ref: dict[int, Any] = {}
+        poll_sent: dict[int, float] = {}
+        next_poll = [0.0] * len(self.handles)
+        route_refs: list = []
+        tick = 0.05
+        while self.done < self.total:
+            now = time.time()
+            j = k
+            while j < n and clock.real_at(reqs[j].arrival_s) <= now:
+                j += 1
+            if j > k:
+                route_refs.append(ctrl.route.remote([sch.make_sequence(q) for q in reqs[k:j]]))
+                self.msgs["route"] += 1
+                k = j
+            for i in sorted(self.live):
+                if i not in poll_ref and now >= next_poll[i]:
+                    poll_ref[i] = self.handles[i].poll.remote(opts.poll_wait_s)
+                    poll_sent[i] = now
+                    self.msgs["poll"] += 1
+            refs = list(poll_ref.values()) + route_refs
+            timeout = tick
+            if k < n:
+                timeout = min(timeout, max(0.0, clock.real_at(reqs[k].arrival_s) - time.time()))
+            if refs:
+                ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+                if ready:
+                    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            else:
+                time.sleep(timeout)
+                ready = []
+            ready_set = set(ready)
+            for r in [r for r in route_refs if r in ready_set]:
+                route_refs.remove(r)
+                ray.get(r)                          # a controller failure is fatal: let it raise
+            now = time.time()
+            for i, ref in list(poll_ref.items()):
+                if ref in ready_set:
+                    del poll_ref[i]
+                    try:
+                        res = ray.get(ref)
+                    except RayActorError as e:
+                        self._fail(i, f"actor died ({type(e).__name__})")
+                        continue
+                    self.reports[i] = res.report
+                    self.behind[i] = res.behind_s
+                    next_poll[i] = now + opts.min_poll_gap_s
+                    if res.completions:
+                        self._on_completions(res.completions)
+                elif now - poll_sent[i] > opts.poll_wait_s + opts.heartbeat_timeout_s:
+                    del poll_ref[i]
+                    self._fail(i, f"no answer for {opts.heartbeat_timeout_s:.0f} s")
+            progress.update(self.done, self.tokens, max(self.last_finish - self.t_first, 0.0), now - self.epoch,
+                            self._queues())
+        progress.update(self.done, self.tokens, max(self.last_finish - self.t_first, 0.0), time.time() - self.epoch,
+                        self._queues(), force=True)
+        for r in route_refs:
+            try:
+                ray.get(r, timeout=self.opts.heartbeat_timeout_s)
+            except GetTimeoutError:
+                pass
+        return time.time() - self.epoch
+
+    def _on_completions(self, recs: list[CompletionRecord]) -> None:
+        new = []
+        for rec in recs:
+            if rec.id in self.completed:
+                self.duplicates += 1           # a late answer from a replica declared failed
+                continue
+            if rec.id not in self.by_id:
+                continue
+            self.completed[rec.id] = rec
+            self.tokens += rec.output_tokens
+            self.last_finish = max(self.last_finish, rec.finish_s)
+            new.append(rec)
+        if self.writer is not None and new:
+            self.writer.write(new)
+        if self.hook is not None and new:
+            self.hook(self)
+
+    def _fail(self, i: int, reason: str) -> None:
+        """Declare replica i failed; recompute its unfinished requests on the survivors."""
+        import ray
+
+        if i not in self.live:
+            return
+        self.live.discard(i)
+        name = self.names[i]
+        self.failed.append(name)
+        self.failure_reasons[name] = reason
+        log.warning("replica %s failed: %s", name, reason)
+        try:
+            ray.kill(self.handles[i], no_restart=True)   # fence: it must not finish anything late
+        except Exception:                                 # noqa: BLE001 -- already gone
+            pass
+        if not self.live:
+            raise self._all_lost()
+        ids = self._await(self.controller.replica_failed.remote(i), "book the failed replica")
+        self.msgs["replica_failed"] += 1
+        lost = [rid for rid in ids if rid not in self.completed]
+        if lost:
+            seqs = [self.scheduler.make_sequence(self.by_id[rid]) for rid in lost]
+            self._await(self.controller.requeue.remote(seqs), "requeue the failed replica's requests")
+            self.msgs["requeue"] += 1
+            self.requeued += len(lost)
+
+    def _all_lost(self) -> ReplicasLostError:
+        unfinished = [q.id for q in self.requests if q.id not in self.completed]
+        path = self.unfinished_path
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text("".join(f"{rid}\n" for rid in unfinished))
+        shown = ", ".join(unfinished[:20]) + (f" ... (+{len(unfinished) - 20} more)" if len(unfinished) > 20 else "")
+        reasons = "; ".join(f"{n}: {self.failure_reasons[n]}" for n in self.failed)
+        how = (f"the {self.done} finished requests are in {self.opts.output}: rerun with --resume {self.opts.output}"
+               if self.opts.output else "rerun with --output FILE to keep finished requests across failures")
+        return ReplicasLostError(
+            f"all {len(self.handles)} replicas failed ({reasons}); {len(unfinished)} of {self.total} requests "
+            f"unfinished: {shown}; their ids are in {path}; {how}", unfinished, path)
+
+    def _queues(self) -> list[str]:
+        out = []
+        for i, r in enumerate(self.reports):
+            if i not in self.live:
+                out.append("x")
+            else:
+                out.append(str(r.outstanding) if r is not None else "-")
+        return out
+
+    # -- the end ------------------------------------------------------------------------------------
+    def _collect(self):
+        import ray
+
+        srefs = [self.handles[i].get_stats.remote() for i in sorted(self.live)]
+        refs = {i: self.handles[i].finish.remote() for i in sorted(self.live)}
+        self.msgs["finish"] += len(refs) + len(srefs)
+        try:
+            self.replica_stats = ray.get(srefs, timeout=self.opts.startup_timeout_s)
+        except Exception:                             # noqa: BLE001 -- statistics only
+            self.replica_stats = []
+        states: list[ReplicaState] = []
+        ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.opts.startup_timeout_s)
+        for i, spec in enumerate(self.specs):
+            st = None
+            if i in refs:
+                try:
+                    st = ray.get(refs[i], timeout=1.0)
+                except Exception:                     # noqa: BLE001 -- died at the very end: no timeline
+                    st = None
+            states.append(st if st is not None else ReplicaState(spec))
+        cstats = ray.get(self.controller.stop.remote(), timeout=self.opts.startup_timeout_s)
+        self.msgs["stop"] += 1
+        return states, cstats
+
+    def _kill_all(self) -> None:
+        import ray
+
+        for h in [*self.handles, self.controller, self.planner]:
+            if h is not None:
+                try:
+                    ray.kill(h, no_restart=True)
+                except Exception:                     # noqa: BLE001 -- already gone
+                    pass
+
+    def _result(self, states, cstats, wall: float, run_wall: float) -> RunResult:
+        from .metrics import summarize
+        from .planner.bounds import lower_bound
+        from .simulator import RunRecord
+
+        seqs = []
+        for rec in self.completed.values():
+            req = self.by_id[rec.id]
+            seqs.append(Sequence(req, req.output_tokens, status=FINISHED, generated=rec.output_tokens,
+                                 first_token_s=rec.first_token_s, finish_s=rec.finish_s, preemptions=rec.preemptions,
+                                 replica=rec.replica))
+        record = RunRecord(self.scheduler.name, self.cluster.source, states, seqs, cstats.moves,
+                           extra={"failed_replicas": list(self.failed)})
+        summary = summarize(record, lower_bound(self.cluster, self.requests).value_s)
+        messages = Counter(self.msgs)
+        for key, count in cstats.messages.items():
+            if key in ("report", "add", "take_back"):     # the rest were counted where they were sent
+                messages[key] += count
+        total_msgs = sum(messages.values())
+        late = sum(st.late for st in self.replica_stats)
+        late_sum = sum(st.late_sum_s for st in self.replica_stats)
+        return RunResult(
+            summary=summary, record=record, wall_s=wall, run_wall_s=run_wall, time_scale=self.cluster.time_scale,
+            failed_replicas=list(self.failed), requeued=self.requeued,
+            controller_decision_p99_s=_p99(cstats.route_latency_s + cstats.rebalance_latency_s),
+            messages=dict(messages), messages_per_request=total_msgs / max(self.total, 1),
+            max_lag_s=max(self.behind, default=0.0), late_adds=late, late_mean_s=late_sum / late if late else 0.0,
+            late_max_s=max((st.late_max_s for st in self.replica_stats), default=0.0), skipped=self.skipped, duplicates_ignored=self.duplicates,
+            plan=self.plan, output=self.opts.output)
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def _await(self, ref, what: str):
+        import ray
+        from ray.exceptions import GetTimeoutError
+
+        try:
+            return ray.get(ref, timeout=self.opts.startup_timeout_s)
+        except GetTimeoutError:
+            raise HybridRayError(f"timed out after {self.opts.startup_timeout_s:.0f} s trying to {what}") from None
+
+    def _await_all(self, refs: list, what: str) -> list:
+        return [self._await(r, what) for r in refs]
+
+
+def prepare(opts: RunOptions, cluster: ClusterSpec | None = None,
+            requests: list[Request] | None = None) -> tuple[ClusterSpec, list[Request], int, str | None]:
+    """Inputs for a run: (cluster with time_scale applied, requests still to run, skipped, output path)."""
+    if cluster is None or requests is None:
+        cluster, requests = load_inputs(opts.config, opts.workload, opts.limit, opts.seed)
+    if opts.time_scale is not None:
+        if not opts.time_scale > 0:
+            raise RuntimeSetupError(f"--time-scale must be > 0, got {opts.time_scale}")
+        cluster = replace(cluster, time_scale=float(opts.time_scale))
+    ids = [q.id for q in requests]
+    if len(set(ids)) != len(ids):
+        dup = sorted({x for x in ids if ids.count(x) > 1})[:5]
+        raise RuntimeSetupError(f"request ids must be unique (the runtime tracks requests by id); repeated: {dup}")
+    output = opts.output
+    skipped = 0
+    if opts.resume:
+        if output and Path(output).resolve() != Path(opts.resume).resolve():
+            raise RuntimeSetupError(f"--resume {opts.resume} appends to that file; drop --output {output} "
+                                    f"or make it the same file")
+        done = read_results(opts.resume).ids
+        output = opts.resume
+        before = len(requests)
+        requests = [q for q in requests if q.id not in done]
+        skipped = before - len(requests)
+    elif output and Path(output).exists() and Path(output).stat().st_size > 0:
+        raise RuntimeSetupError(f"--output {output} already exists; pass --resume {output} to continue that run, "
+                                f"or choose another file")
+    return cluster, requests, skipped, output
+
+
+def run(opts: RunOptions, hook: Callable[[Driver], None] | None = None, *, cluster: ClusterSpec | None = None,
+        requests: list[Request] | None = None, scheduler=None) -> RunResult:
+    """Run a workload on Ray with the emulated engine and return the same metrics as ``simulate``.
+
+    ``cluster``/``requests`` replace ``opts.config``/``opts.workload``; ``scheduler`` replaces the
+    named policy (the router, controller and policy objects must be picklable by cloudpickle).
+    """
+    t0 = time.perf_counter()
+    cluster, todo, skipped, output = prepare(opts, cluster, requests)
+    opts = replace(opts, output=output)
+    if not todo:
+        return RunResult(None, None, time.perf_counter() - t0, 0.0, cluster.time_scale, skipped=skipped,
+                         output=output)
+    return Driver(opts, cluster, todo, scheduler=scheduler, hook=hook, skipped=skipped).run()
