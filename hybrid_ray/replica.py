@@ -19,6 +19,7 @@ Semantics (vLLM-like):
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass, field
 
 from .config import ReplicaSpec
@@ -52,6 +53,7 @@ class Sequence:
     epoch: int = 0              # bumped on preemption: invalidates stale finish-heap entries
     admit_order: int = 0        # when it last got a batch slot: the newest is preempted first
     work_s: float = 0.0         # predicted replica-seconds on its replica (planner.estimate)
+    sort_key: float = 0.0       # queue order for sorting policies (set once; -inf once preempted)
     replica: str = ""
 
     @property
@@ -383,6 +385,7 @@ class ReplicaState:
         s.status, s.prefilled = WAITING, 0
         s.epoch += 1
         s.preemptions += 1
+        s.sort_key = -math.inf                # stays in front of a sorted queue
         self.preempted_total += 1
         self.waiting.insert(0, s)
         self.waiting_dirty = True

@@ -447,7 +447,8 @@ class Driver:
         while k < n and reqs[k].arrival_s == self.t_first:
             k += 1
         if k:
-            self._await(ctrl.route.remote([sch.make_sequence(q) for q in reqs[:k]]), "route the first batch")
+            self._controller_call(lambda: self._await(ctrl.route.remote([sch.make_sequence(q) for q in reqs[:k]]),
+                                                      "route the first batch"))
             self.msgs["route"] += 1
         self.epoch = time.time() + 0.05            # the start reaches every actor before the clock runs
         clock = ModelClock(self.epoch, self.t_first, self.cluster.time_scale)
@@ -488,7 +489,7 @@ class Driver:
             ready_set = set(ready)
             for r in [r for r in route_refs if r in ready_set]:
                 route_refs.remove(r)
-                ray.get(r)                          # a controller failure is fatal: let it raise
+                self._controller_call(lambda: ray.get(r))   # other controller failures are fatal
             now = time.time()
             for i, ref in list(poll_ref.items()):
                 if ref in ready_set:
@@ -556,9 +557,23 @@ class Driver:
         lost = [rid for rid in ids if rid not in self.completed]
         if lost:
             seqs = [self.scheduler.make_sequence(self.by_id[rid]) for rid in lost]
-            self._await(self.controller.requeue.remote(seqs), "requeue the failed replica's requests")
+            self._controller_call(lambda: self._await(self.controller.requeue.remote(seqs),
+                                                      "requeue the failed replica's requests"))
             self.msgs["requeue"] += 1
             self.requeued += len(lost)
+
+    def _controller_call(self, call: Callable[[], Any]) -> Any:
+        """Run a controller call; if it found every replica dead, the run is lost."""
+        from .actors.controller import NoLiveReplicaError
+
+        try:
+            return call()
+        except NoLiveReplicaError:
+            for i in sorted(self.live):
+                self.live.discard(i)
+                self.failed.append(self.names[i])
+                self.failure_reasons[self.names[i]] = "unreachable from the controller"
+            raise self._all_lost() from None
 
     def _all_lost(self) -> ReplicasLostError:
         unfinished = [q.id for q in self.requests if q.id not in self.completed]

@@ -126,7 +126,7 @@ def _best_by_exhaustive_search(cl, reqs):
         for perm in itertools.permutations(range(len(reqs))):
             rank = {reqs[j].id: k for k, j in enumerate(perm)}
             router = PlanRouter({q.id: a for q, a in zip(reqs, assign)}, LeastLoadedRouter())
-            sch = Scheduler("x", router, lambda r: SortedQueue(FCFSPrefillFirst(), plan_rank(rank)))
+            sch = Scheduler("x", router, lambda r: SortedQueue(FCFSPrefillFirst()), sort_key=plan_rank(rank))
             best = min(best, simulate(cl, sch, reqs).makespan_s)
     return best
 

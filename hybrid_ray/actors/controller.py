@@ -33,6 +33,10 @@ DEAD_LOAD = 10 ** 9                # outstanding requests a failed replica appea
 DEAD_WORK_S = 1e12                 # and seconds of queued work
 
 
+class NoLiveReplicaError(RuntimeError):
+    """Every replica has failed (as far as the controller can tell): nothing can be routed."""
+
+
 @dataclass(slots=True)
 class ControllerStats:
     route_latency_s: list[float] = field(default_factory=list)      # wall time of each router call
@@ -161,7 +165,7 @@ class ControllerActor:
         if bad:
             live = [r for r in loads if r.index not in self.dead]
             if not live:
-                raise RuntimeError("no live replica to route to")
+                raise NoLiveReplicaError(f"no live replica to route {len(seqs)} requests to")
             for k, t in zip(bad, self.fallback.route([seqs[k] for k in bad], live)):
                 targets[k] = t
             self.stats.rerouted_from_dead += len(bad)

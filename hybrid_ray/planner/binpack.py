@@ -125,7 +125,7 @@ Determinism: heuristics, model building and expansion are deterministic (stable 
 tie-breaks). CP-SAT runs with ``interleave_search`` (its workers' trajectories do not depend on
 thread timing), ``random_seed = seed`` and a deterministic-time budget of
 DET_TIME_PER_SECOND * time_limit_s, so a solve that ends by proof, gap limit or that budget is
-repeatable. ``max_time_in_seconds = time_limit_s`` is a hard safety net: if the wall clock fires
+repeatable. ``max_time_in_seconds = 3 * time_limit_s + 1`` is a hard safety net: if the wall clock fires
 first (slow or loaded machine; interleaved batches overshoot the deterministic budget) the
 solution may differ between runs, though it is never worse than the warm start.
 """
@@ -162,6 +162,7 @@ SYMMETRY_BREAKING = "largest"  # "largest" | "loads" | "none" (see module docstr
 # our measurements; budgeting 0.4 unit per second of ``time_limit_s`` lets the deterministic
 # limit, not the wall clock, end the search on ordinary hardware, which keeps results repeatable.
 DET_TIME_PER_SECOND = 0.4
+WALL_BACKSTOP_FACTOR = 3.0  # max_time_in_seconds = 3 * time_limit_s + 1: a backstop, not the limit
 EXACT_REL_GAP = 1e-7  # exact mode stops within 1e-7 of its bound (reported FEASIBLE unless closed)
 MULTIFIT_MAX_JOBS = 5_000  # pack(): run multifit only up to this many jobs (O(iter * n log m))
 KK_MAX_CELLS = 200_000  # pack(): run KK only while n * m stays below this (O(n m log m))
@@ -710,7 +711,9 @@ def pack_cpsat(
     solver = cp_model.CpSolver()
     prm = solver.parameters
     limit = max(0.05, float(time_limit_s))
-    prm.max_time_in_seconds = limit
+    # The deterministic budget ends the search (repeatable results); the wall clock is only a
+    # backstop for a machine so loaded that the deterministic clock crawls.
+    prm.max_time_in_seconds = WALL_BACKSTOP_FACTOR * limit + 1.0
     prm.max_deterministic_time = DET_TIME_PER_SECOND * limit
     prm.num_workers = max(1, int(workers))
     prm.random_seed = int(seed)

@@ -89,7 +89,7 @@ def build_offline(cluster: ClusterSpec, requests: list[Request], plan=None, leng
     plan, assignment = _planned(cluster, requests, plan, predictor, plan_opts)
     rank = plan_rank(plan.rank())
     sch = Scheduler("offline", PlanRouter(assignment, LeastLoadedRouter()),
-                    lambda r: SortedQueue(FCFSPrefillFirst(), rank), predictor=predictor)
+                    lambda r: SortedQueue(FCFSPrefillFirst()), predictor=predictor, sort_key=rank)
     sch.info["plan"] = plan
     return sch
 
@@ -112,10 +112,10 @@ def build_hybrid(cluster: ClusterSpec, requests: list[Request], plan=None, lengt
 
     mult, mixed, horizon, chunk = float(k["multiplier"]), bool(k["allow_mixed"]), int(k["horizon"]), int(k["chunk_tokens"])
     sch = Scheduler("hybrid", PlanRouter(assignment, EarliestFinishRouter(work_of)),
-                    lambda r: SortedQueue(LagrangianPolicy(mult, mixed, horizon, chunk), key),
+                    lambda r: SortedQueue(LagrangianPolicy(mult, mixed, horizon, chunk)),
                     RebalanceController(float(k["interval_s"]), float(k["threshold_s"]),
                                         float(k["rel_threshold"]), int(k["max_moves"])),
-                    predictor=predictor)
+                    predictor=predictor, sort_key=key)
     sch.info["plan"] = plan
     return sch
 

@@ -70,8 +70,11 @@ class Scheduler:
     policy_factory: Callable[[ReplicaState], IterationPolicy]
     controller: Controller | None = None
     predictor: Predictor = field(default_factory=OraclePredictor)
-    lower_bound_s: float | None = None     # set by schedulers that plan (and by summaries)
+    sort_key: Callable[[Sequence], float] | None = None   # queue order for SortedQueue policies
     info: dict = field(default_factory=dict)
 
     def make_sequence(self, req: Request) -> Sequence:
-        return Sequence(req, self.predictor.predict(req))
+        s = Sequence(req, self.predictor.predict(req))
+        if self.sort_key is not None:
+            s.sort_key = self.sort_key(s)
+        return s
