@@ -28,6 +28,15 @@ def _add_inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="OUT", default=None, help="also write the metrics as JSON to OUT")
 
 
+def _add_policy_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lengths", default="oracle", choices=["oracle", "quantile"],
+                   help="output lengths the planned policies (offline, hybrid) may use: oracle = known in advance "
+                        "(the paper's setting); quantile = predicted from a seeded 10%% history sample "
+                        "(default: oracle)")
+    p.add_argument("--time-limit", type=float, default=5.0,
+                   help="CP-SAT time limit in seconds for planned policies (default: 5)")
+
+
 def _write_json(path: str | None, data: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -45,14 +54,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print(f"simulating {len(requests)} requests of {args.workload} on {cluster.name} "
           f"({cluster.num_replicas} replicas), policy {args.policy}", flush=True)
     t0 = time.perf_counter()
-    scheduler = build_scheduler(args.policy, cluster, requests)
+    scheduler = build_scheduler(args.policy, cluster, requests, lengths=args.lengths, seed=args.seed or 0,
+                                time_limit_s=args.time_limit)
     record = simulate(cluster, scheduler, requests)
     summary = summarize(record, lower_bound(cluster, requests).value_s)
     wall = time.perf_counter() - t0
     print(format_summary(summary))
     print(f"  {'simulated in'.ljust(32)}  {wall:.2f} s wall")
     data = summary.to_dict()
-    data.update(config=cluster.source, workload=args.workload, wall_s=wall)
+    data.update(config=cluster.source, workload=args.workload, wall_s=wall, lengths=args.lengths)
     _write_json(args.json, data)
     return 0
 
@@ -166,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inputs(s)
     s.add_argument("--policy", default="baseline", choices=list(DESCRIPTIONS),
                    help="; ".join(f"{k}: {v}" for k, v in DESCRIPTIONS.items()) + " (default: baseline)")
+    _add_policy_options(s)
     s.set_defaults(func=cmd_simulate)
 
     pl = sub.add_parser("plan", help="offline plan: CP-SAT makespan bin packing + lower bound",
