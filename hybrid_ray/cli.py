@@ -134,7 +134,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.which == "cases":
+    if args.which == "paper":
+        from .bench.paper import run_paper
+        run_paper(out_dir=args.out or "results")
+    elif args.which == "cases":
         from .bench.cases import run_cases
         run_cases(args.n, args.seed or 0, args.out or "results/cases.json")
     elif args.which == "decision":
@@ -222,15 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     r.set_defaults(func=cmd_run)
 
-    b = sub.add_parser("bench", help="benchmarks that print tables (cases: the 100-case study; decision: "
-                                     "online decision latency)",
-                       description="cases: random GSM8K subsets x random topologies, baseline vs offline vs "
+    b = sub.add_parser("bench", help="benchmarks that print tables (paper: the paper's table beside ours; "
+                                     "cases: the 100-case study; decision: online decision latency)",
+                       description="paper: LLaMA-65B x GSM8K, every policy beside the paper's figures (writes "
+                                   "results/paper.json and .md). cases: random GSM8K subsets x random topologies, baseline vs offline vs "
                                    "hybrid, mean/min/max improvement and a histogram (writes results/cases.json). "
                                    "decision: latency of one online decision at batch 256 with 1,000 waiting.")
-    b.add_argument("which", choices=["cases", "decision"], help="which benchmark")
+    b.add_argument("which", choices=["paper", "cases", "decision"], help="which benchmark")
     b.add_argument("--n", type=int, default=100, help="cases: how many (default 100)")
     b.add_argument("--seed", type=int, default=0, help="cases: seed of the random cases (default 0)")
-    b.add_argument("--out", default=None, help="cases: JSON output (default results/cases.json)")
+    b.add_argument("--out", default=None, help="paper: output folder (default results/); "
+                                                "cases: JSON output (default results/cases.json)")
     b.set_defaults(func=cmd_bench)
 
     f = sub.add_parser("fit-cost-model", help="fit a cost model from a profile CSV and print the YAML block",
