@@ -82,6 +82,15 @@ class Simulator:
                 tick += 1
                 heapq.heappush(events, (now + dur, tick, i))
 
+        def enqueue(pairs: list[tuple[Sequence, int]], now: float) -> None:
+            groups: dict[int, list[Sequence]] = {}
+            for s, t in pairs:
+                groups.setdefault(t, []).append(s)
+            for t in sorted(groups):
+                replicas[t].add(groups[t])
+            for t in sorted(groups):
+                kick(t, now)
+
         k = 0
         n = len(seqs)
         while k < n or events:
@@ -92,18 +101,17 @@ class Simulator:
                     j += 1
                 batch = seqs[k:j]
                 k = j
-                targets = sch.router.route(batch, [r.report(now) for r in replicas])
-                groups: dict[int, list[Sequence]] = {}
-                for s, t in zip(batch, targets):
-                    groups.setdefault(t, []).append(s)
-                for t in sorted(groups):
-                    replicas[t].add(groups[t])
-                for t in sorted(groups):
-                    kick(t, now)
+                loads = [r.report(now) for r in replicas]
+                if sch.dispatcher is not None:
+                    enqueue(sch.dispatcher.admit(batch, loads), now)
+                else:
+                    enqueue(list(zip(batch, sch.router.route(batch, loads))), now)
                 continue
             now, _, i = heapq.heappop(events)
             r = replicas[i]
-            r.complete(r.current, starts[i], now)
+            done = r.complete(r.current, starts[i], now)
+            if done and sch.dispatcher is not None:
+                enqueue(sch.dispatcher.on_finished(i, done, [x.report(now) for x in replicas]), now)
             if ctrl is not None and now >= next_ctrl:
                 next_ctrl = now + ctrl.interval_s
                 ms = ctrl.rebalance([r.report(now) for r in replicas], now)

@@ -43,13 +43,13 @@ def checked_begin(monkeypatch):
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 10_000), n=st.integers(1, 40), arrivals=st.booleans(),
-       policy=st.sampled_from(["baseline", "round-robin", "chunked", "offline", "hybrid"]))
+       policy=st.sampled_from(["baseline", "round-robin", "chunked", "offline", "hybrid", "raydata", "lpt-engine"]))
 def test_invariants(checked_begin, seed, n, arrivals, policy):
     rng = random.Random(seed)
     reqs = random_requests(rng, n, arrivals)
     cl = random_cluster(rng, min_kv=max(q.prompt_tokens + q.output_tokens for q in reqs))
     before = checked_begin["iterations"]
-    rec = simulate(cl, build_scheduler(policy, cl, reqs, time_limit_s=0.5), reqs)
+    rec = simulate(cl, build_scheduler(policy, cl, reqs, method="lpt"), reqs)
     finished = [s for r in rec.replicas for s in r.finished]
     assert sorted(s.id for s in finished) == sorted(q.id for q in reqs)          # exactly once
     for s in rec.sequences:
@@ -63,7 +63,7 @@ def test_invariants(checked_begin, seed, n, arrivals, policy):
             prev = x.end_s
         assert r.kv_used == 0 and not r.running and not r.waiting
     assert checked_begin["iterations"] - before == sum(len(r.records) for r in rec.replicas)
-    again = simulate(cl, build_scheduler(policy, cl, reqs, time_limit_s=0.5), reqs)
+    again = simulate(cl, build_scheduler(policy, cl, reqs, method="lpt"), reqs)
     assert [s.finish_s for s in again.sequences] == [s.finish_s for s in rec.sequences]
     assert summarize(again).to_dict() == summarize(rec).to_dict()
 
@@ -74,7 +74,7 @@ def test_tight_kv_preempts_but_never_loses(checked_begin):
     cl = random_cluster(rng, min_kv=max(q.prompt_tokens + q.output_tokens for q in reqs))
     total = 0
     for policy in policy_names():
-        rec = simulate(cl, build_scheduler(policy, cl, reqs, time_limit_s=0.5), reqs)
+        rec = simulate(cl, build_scheduler(policy, cl, reqs, method="lpt"), reqs)
         assert sorted(s.id for r in rec.replicas for s in r.finished) == sorted(q.id for q in reqs)
         total += sum(s.preemptions for s in rec.sequences)
     assert total > 0, "this instance was chosen to exercise preemption"

@@ -22,7 +22,7 @@ from ..policies import build_scheduler
 from ..simulator import simulate
 from ..workload import Request, load_gsm8k
 
-POLICIES = ("baseline", "offline", "hybrid")
+POLICIES = ("baseline", "raydata", "lpt-engine", "offline", "hybrid")
 MODELS = {"llama7b": ("local", 0), "llama13b": ("hetero", 0), "llama65b-tp2": ("paper_llama65b", 0)}
 
 

@@ -20,7 +20,7 @@ from ..simulator import simulate
 
 # Pang et al., arXiv 2502.15763, abstract: total time (s) and utilization (%)
 PAPER = {"baseline": (201.00, 80.2), "offline": (197.08, 85.5), "hybrid": (190.58, 89.1), "lower bound": (180.0, None)}
-POLICIES = ("baseline", "chunked", "offline", "hybrid")
+POLICIES = ("baseline", "chunked", "raydata", "lpt-engine", "offline", "hybrid")
 
 
 def run_paper(config: str = "paper_llama65b", workload: str = "gsm8k", out_dir: str | None = "results",

@@ -13,12 +13,14 @@ from .controller import RebalanceController
 from .fcfs import FCFSPrefillFirst
 from .lagrangian import LagrangianPolicy
 from .predict import make_predictor
+from .raydata import RayDataDispatcher
 from .routing import EarliestFinishRouter, LeastLoadedRouter, PlanRouter, RoundRobinRouter
 from .sorting import SortedQueue, longest_predicted_first, plan_rank
 
 # Knobs a cluster YAML may set under `policy: {NAME: {...}}`, with their defaults.
 KNOBS: dict[str, dict[str, object]] = {
     "chunked": {"token_budget": 512},
+    "raydata": {"batch_size": 32, "max_concurrent_batches": 8},
     "hybrid": {"multiplier": 1.0, "allow_mixed": True, "chunk_tokens": 512, "horizon": 32, "sort": "plan",
                "interval_s": 1.0, "threshold_s": 0.5, "rel_threshold": 0.01, "max_moves": 4},
 }
@@ -59,6 +61,22 @@ def build_round_robin(cluster: ClusterSpec, requests: list[Request], **_) -> Sch
 def build_chunked(cluster: ClusterSpec, requests: list[Request], **_) -> Scheduler:
     budget = int(_knobs(cluster, "chunked")["token_budget"])
     return Scheduler("chunked", LeastLoadedRouter(), lambda r: ChunkedPrefill(budget))
+
+
+def build_raydata(cluster: ClusterSpec, requests: list[Request], **_) -> Scheduler:
+    """Ray Data LLM: blocks of rows to the least-busy engine actor, FCFS inside (policies/raydata.py)."""
+    k = _knobs(cluster, "raydata")
+    sch = Scheduler("raydata", LeastLoadedRouter(), lambda r: FCFSPrefillFirst())
+    sch.dispatcher = RayDataDispatcher(len(requests), int(k["batch_size"]), int(k["max_concurrent_batches"]))
+    return sch
+
+
+def build_lpt_engine(cluster: ClusterSpec, requests: list[Request], lengths: str = "oracle", seed: int = 0,
+                     **_) -> Scheduler:
+    """A per-engine batch scheduler (vLLM-Ascend's batch-job-aware one): least-loaded routing, then
+    longest predicted output first inside each engine. No cluster plan, no controller."""
+    return Scheduler("lpt-engine", LeastLoadedRouter(), lambda r: SortedQueue(FCFSPrefillFirst()),
+                     predictor=make_predictor(lengths, requests, seed), sort_key=longest_predicted_first)
 
 
 def initial_batch(requests: list[Request]) -> list[Request]:
@@ -126,6 +144,8 @@ BUILDERS = {
     "chunked": build_chunked,
     "offline": build_offline,
     "hybrid": build_hybrid,
+    "raydata": build_raydata,
+    "lpt-engine": build_lpt_engine,
 }
 
 PLANNED = {"offline", "hybrid"}
@@ -136,6 +156,8 @@ DESCRIPTIONS = {
     "chunked": "least-loaded routing + Sarathi-style chunked prefill (token budget, vLLM v1 style)",
     "offline": "CP-SAT makespan plan (assignment + longest-first order) + FCFS prefill-first",
     "hybrid": "offline plan + sorting + Lagrangian prefill-vs-decode rule + rebalancing controller",
+    "raydata": "ray.data.llm's dispatch: blocks of 32 rows to the least-busy engine (<= 8 blocks in flight), FCFS",
+    "lpt-engine": "least-loaded routing + longest-predicted-first inside each engine (per-engine batch scheduler)",
 }
 
 

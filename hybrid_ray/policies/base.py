@@ -44,6 +44,19 @@ class Controller(Protocol):
     def rebalance(self, loads: list[LoadReport], now: float) -> list[Move]: ...
 
 
+class Dispatcher(Protocol):
+    """Pull-based dispatch: holds arrivals centrally and releases them as replicas finish work.
+
+    Used instead of a Router by policies that model a central queue (Ray Data's actor pool).
+    Both calls return (sequence, replica index) pairs to enqueue now.
+    """
+
+    def admit(self, seqs: list[Sequence], loads: list[LoadReport]) -> list[tuple[Sequence, int]]: ...
+
+    def on_finished(self, replica: int, finished: list[Sequence], loads: list[LoadReport]
+                    ) -> list[tuple[Sequence, int]]: ...
+
+
 class Predictor(Protocol):
     """Output-length prediction a policy may use (the true length stays hidden)."""
 
@@ -71,6 +84,7 @@ class Scheduler:
     controller: Controller | None = None
     predictor: Predictor = field(default_factory=OraclePredictor)
     sort_key: Callable[[Sequence], float] | None = None   # queue order for SortedQueue policies
+    dispatcher: Dispatcher | None = None   # pull-based dispatch (replaces the router when set)
     info: dict = field(default_factory=dict)
 
     def make_sequence(self, req: Request) -> Sequence:
