@@ -61,6 +61,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - t0
     print(format_summary(summary))
     print(f"  {'simulated in'.ljust(32)}  {wall:.2f} s wall")
+    if args.plot:
+        from .plots import write_plots
+        runs = [(args.policy, record, summary)]
+        if args.policy != "baseline":      # the reference a reader compares against
+            base = simulate(cluster, build_scheduler("baseline", cluster, requests), requests)
+            runs.insert(0, ("baseline", base, summarize(base, summary.lower_bound_s)))
+        for path in write_plots(runs, args.plot, summary.lower_bound_s):
+            print(f"wrote {path}")
     data = summary.to_dict()
     data.update(config=cluster.source, workload=args.workload, wall_s=wall, lengths=args.lengths)
     _write_json(args.json, data)
@@ -180,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--policy", default="baseline", choices=list(DESCRIPTIONS),
                    help="; ".join(f"{k}: {v}" for k, v in DESCRIPTIONS.items()) + " (default: baseline)")
     _add_policy_options(s)
+    s.add_argument("--plot", metavar="DIR", default=None,
+                   help="write gantt.png, occupancy.png and finish_times.png to DIR (this run beside the "
+                        "baseline; needs the [plot] extra)")
     s.set_defaults(func=cmd_simulate)
 
     pl = sub.add_parser("plan", help="offline plan: CP-SAT makespan bin packing + lower bound",
