@@ -107,8 +107,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     opts = RunOptions(config=args.config, workload=args.workload, policy=args.policy, limit=args.limit,
                       seed=args.seed, address=args.address, output=args.output, resume=args.resume,
                       time_scale=args.time_scale, report_interval_s=args.report_interval,
-                      cpus_per_replica=args.cpus_per_replica, plan_method=args.plan_method,
-                      plan_time_limit_s=args.plan_time_limit, heartbeat_timeout_s=args.heartbeat_timeout,
+                      cpus_per_replica=args.cpus_per_replica, lengths=args.lengths, plan_method=args.plan_method,
+                      plan_time_limit_s=args.time_limit, heartbeat_timeout_s=args.heartbeat_timeout,
                       connect_timeout_s=args.connect_timeout, progress=not args.no_progress)
     print(f"running {args.workload} on {args.config} with policy {args.policy} on Ray "
           f"({args.address or 'local'})", flush=True)
@@ -136,7 +136,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"note: {res.late_adds} requests reached their replica after its modelled clock had passed their "
               f"arrival (Ray latency / time_scale); raise --time-scale for online timing closer to `simulate`")
     data = res.to_dict()
-    data.update(config=res.record.config, workload=args.workload)
+    data.update(config=res.record.config, workload=args.workload, lengths=args.lengths)
     _write_json(args.json, data)
     return 0
 
@@ -148,6 +148,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elif args.which == "cases":
         from .bench.cases import run_cases
         run_cases(args.n, args.seed or 0, args.out or "results/cases.json")
+    elif args.which == "perf":
+        from .bench.perf import run_perf
+        run_perf(args.out or "results/perf.json")
     elif args.which == "decision":
         from .bench.decision import main as decision_main
         decision_main()
@@ -226,9 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "load reports to the controller, besides one per iteration that finishes requests (default: 0.1)")
     r.add_argument("--cpus-per-replica", type=float, default=None, help="reserve this many CPUs per replica "
                    "actor instead of the config's resources (emulate a GPU config on CPUs; fractions allowed)")
+    _add_policy_options(r)
     r.add_argument("--plan-method", default="cpsat", choices=["cpsat", "lpt", "multifit", "kk"],
-                   help="planner method for offline/hybrid (default: cpsat)")
-    r.add_argument("--plan-time-limit", type=float, default=5.0, help="CP-SAT time limit in seconds (default: 5)")
+                   help="planner method for offline/hybrid, run in the planner actor (default: cpsat)")
     r.add_argument("--heartbeat-timeout", type=float, default=10.0, help="seconds a replica may leave a poll "
                    "unanswered before it is declared failed and its requests recomputed elsewhere (default: 10)")
     r.add_argument("--connect-timeout", type=float, default=15.0, help="seconds to reach the Ray cluster given by "
@@ -237,12 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
 
     b = sub.add_parser("bench", help="benchmarks that print tables (paper: the paper's table beside ours; "
-                                     "cases: the 100-case study; decision: online decision latency)",
+                                     "cases: the 100-case study; perf: planner, decision and simulator speed; "
+                                     "decision: online decision latency)",
                        description="paper: LLaMA-65B x GSM8K, every policy beside the paper's figures (writes "
                                    "results/paper.json and .md). cases: random GSM8K subsets x random topologies, baseline vs offline vs "
                                    "hybrid, mean/min/max improvement and a histogram (writes results/cases.json). "
                                    "decision: latency of one online decision at batch 256 with 1,000 waiting.")
-    b.add_argument("which", choices=["paper", "cases", "decision"], help="which benchmark")
+    b.add_argument("which", choices=["paper", "cases", "perf", "decision"], help="which benchmark")
     b.add_argument("--n", type=int, default=100, help="cases: how many (default 100)")
     b.add_argument("--seed", type=int, default=0, help="cases: seed of the random cases (default 0)")
     b.add_argument("--out", default=None, help="paper: output folder (default results/); "
