@@ -39,9 +39,8 @@ def _add_policy_options(p: argparse.ArgumentParser) -> None:
 
 def _write_json(path: str | None, data: dict) -> None:
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        print(f"wrote {path}")
+        from .jsonout import write_json
+        print(f"wrote {write_json(path, data)}")
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

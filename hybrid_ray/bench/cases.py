@@ -7,15 +7,14 @@ holds at least the longest request. Every policy sees the same case.
 """
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import dataclass, asdict
-from pathlib import Path
 
 import numpy as np
 
 from ..config import ClusterSpec, ReplicaGroupSpec, load_cluster
+from ..jsonout import write_json
 from ..metrics import summarize
 from ..planner.bounds import lower_bound
 from ..policies import build_scheduler

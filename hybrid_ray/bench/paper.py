@@ -8,11 +8,11 @@ the numbers are identical.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from ..inputs import load_inputs
+from ..jsonout import write_json
 from ..metrics import summarize
 from ..planner.bounds import lower_bound
 from ..policies import build_scheduler
@@ -46,8 +46,7 @@ def run_paper(config: str = "paper_llama65b", workload: str = "gsm8k", out_dir: 
     if progress:
         progress(md)
     if out_dir:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(out_dir) / "paper.json").write_text(json.dumps(data, indent=2) + "\n")
+        write_json(Path(out_dir) / "paper.json", data)
         (Path(out_dir) / "paper.md").write_text(md + "\n")
         if progress:
             progress(f"wrote {out_dir}/paper.json and {out_dir}/paper.md ({data['wall_s']:.1f} s)")

@@ -7,14 +7,13 @@
 """
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 
 from ..config import ClusterSpec, load_cluster
 from ..inputs import load_inputs
+from ..jsonout import write_json
 from ..planner.binpack import pack
 from ..planner.estimate import request_work
 from ..policies import build_scheduler

@@ -6,6 +6,19 @@ import heapq
 from ..replica import LoadReport, Sequence
 
 
+def greedy_least(seqs: list[Sequence], start: list[tuple[float, int]], cost) -> list[int]:
+    """Each sequence in turn to the replica with the least (load, index); its ``cost(seq, index)``
+    is then added to that replica's load, so a burst spreads out."""
+    heap = list(start)
+    heapq.heapify(heap)
+    out = []
+    for s in seqs:
+        load, i = heap[0]
+        out.append(i)
+        heapq.heapreplace(heap, (load + cost(s, i), i))
+    return out
+
+
 class RoundRobinRouter:
     """Cycles through replicas in order, ignoring load."""
 
@@ -26,14 +39,7 @@ class LeastLoadedRouter:
     """
 
     def route(self, seqs: list[Sequence], loads: list[LoadReport]) -> list[int]:
-        heap = [(r.outstanding, r.index) for r in loads]
-        heapq.heapify(heap)
-        out = []
-        for _ in seqs:
-            load, i = heap[0]
-            out.append(i)
-            heapq.heapreplace(heap, (load + 1, i))
-        return out
+        return greedy_least(seqs, [(r.outstanding, r.index) for r in loads], lambda s, i: 1)
 
 
 class EarliestFinishRouter:
@@ -47,14 +53,7 @@ class EarliestFinishRouter:
         self.work_of = work_of      # (sequence, replica index) -> estimated seconds
 
     def route(self, seqs: list[Sequence], loads: list[LoadReport]) -> list[int]:
-        heap = [(r.predicted_finish_s, r.index) for r in loads]
-        heapq.heapify(heap)
-        out = []
-        for s in seqs:
-            t, i = heap[0]
-            out.append(i)
-            heapq.heapreplace(heap, (t + self.work_of(s, i), i))
-        return out
+        return greedy_least(seqs, [(r.predicted_finish_s, r.index) for r in loads], self.work_of)
 
 
 class PlanRouter:
