@@ -1,4 +1,4 @@
-"""`hybrid-ray` command line: simulate | fit-cost-model (more subcommands join as they land).
+"""`hybrid-ray` command line: simulate | plan | run | bench | fit-cost-model.
 
 User errors (bad YAML, bad workload, impossible request) print one clear line and exit 2.
 """
@@ -150,6 +150,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elif args.which == "perf":
         from .bench.perf import run_perf
         run_perf(args.out or "results/perf.json")
+    elif args.which == "load":
+        from .bench.load import main as load_main
+        return load_main(["--json", args.out] if args.out else [])
     elif args.which == "decision":
         from .bench.decision import main as decision_main
         decision_main()
@@ -240,12 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks that print tables (paper: the paper's table beside ours; "
                                      "cases: the 100-case study; perf: planner, decision and simulator speed; "
-                                     "decision: online decision latency)",
+                                     "decision: online decision latency; load: 20,000 requests on 16 "
+                                     "emulated Ray replicas)",
                        description="paper: LLaMA-65B x GSM8K, every policy beside the paper's figures (writes "
                                    "results/paper.json and .md). cases: random GSM8K subsets x random topologies, baseline vs offline vs "
                                    "hybrid, mean/min/max improvement and a histogram (writes results/cases.json). "
                                    "decision: latency of one online decision at batch 256 with 1,000 waiting.")
-    b.add_argument("which", choices=["paper", "cases", "perf", "decision"], help="which benchmark")
+    b.add_argument("which", choices=["paper", "cases", "perf", "decision", "load"], help="which benchmark")
     b.add_argument("--n", type=int, default=100, help="cases: how many (default 100)")
     b.add_argument("--seed", type=int, default=0, help="cases: seed of the random cases (default 0)")
     b.add_argument("--out", default=None, help="paper: output folder (default results/); "

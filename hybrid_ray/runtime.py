@@ -66,11 +66,15 @@ class RunOptions:
     time_scale: float | None = None       # override the cluster's time_scale
     report_interval_s: float = 0.1        # real seconds between a busy replica's load pushes
     cpus_per_replica: float | None = None # replace every group's resources by {CPU: x} (emulate on CPUs)
+    lengths: str = "oracle"               # output lengths planned policies may use: oracle | quantile
     plan_method: str = "cpsat"
     plan_time_limit_s: float = 5.0
     plan_workers: int = 2
+    dispatch_lead_s: float = 0.05         # send arrivals this many real seconds early (replicas hold them
+                                          # until their arrival time): hides Ray latency at small time scales
+    dispatch_gap_s: float = 0.02          # at most one routing call per this many real seconds
     poll_wait_s: float = 0.25             # long-poll wait: a quiet replica answers this often
-    min_poll_gap_s: float = 0.02          # at most ~50 polls/s per replica while completions flow
+    min_poll_gap_s: float = 0.05          # at most ~20 polls/s per replica while completions flow
     heartbeat_timeout_s: float = 10.0     # unanswered poll for this long (beyond poll_wait_s) = failed
     connect_timeout_s: float = 15.0
     startup_timeout_s: float = 60.0       # actors placed and constructed within this
@@ -130,11 +134,14 @@ def _split_host_port(address: str) -> tuple[str, int]:
 def connect_ray(address: str | None, num_cpus: int | None = None, timeout_s: float = 15.0) -> bool:
     """Start a local Ray (address None/"local") or connect; True if this call initialised Ray.
 
+    With no address inside a Ray job (``RAY_ADDRESS`` set), it joins the job's cluster.
     Never hangs: a host:port is probed over TCP first, and ``ray.init`` gets ``timeout_s``
     (it otherwise retries an unreachable GCS for minutes).
     """
     import ray
 
+    if address in (None, "") and os.environ.get("RAY_ADDRESS"):
+        address = "auto"                    # inside `ray job submit`: the job's cluster
     local = address in (None, "", "local")
     if not local and address.startswith(("http://", "https://")):
         raise RuntimeSetupError(
@@ -152,7 +159,7 @@ def connect_ray(address: str | None, num_cpus: int | None = None, timeout_s: flo
     if ray.is_initialized():
         return False
     if local:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
         return True
     box: dict[str, BaseException | bool] = {}
 
@@ -169,7 +176,8 @@ def connect_ray(address: str | None, num_cpus: int | None = None, timeout_s: flo
     if thread.is_alive():
         raise RuntimeSetupError(
             f"--address {address}: no Ray cluster answered within {timeout_s:.0f} s; give the head's GCS "
-            f"address (HEAD:6379), a Ray Client address (ray://HEAD:10001), or `auto` on a cluster node")
+            f"address (HEAD:6379), a Ray Client address (ray://HEAD:10001), or `auto` on a cluster node; "
+            f"if the cluster uses token authentication, set RAY_AUTH_MODE=token (token in ~/.ray/auth_token)")
     if "error" in box:
         e = box["error"]
         raise RuntimeSetupError(f"--address {address}: cannot connect to Ray: {e}") from None
@@ -356,12 +364,20 @@ class Driver:
         if self.scheduler is not None:
             return self.scheduler
         plan = None
+        seed = self.opts.seed or 0
         if needs_plan(self.opts.policy):
+            import numpy as np
+
+            from .policies.predict import make_predictor
+
+            batch = initial_batch(self.requests)
+            predictor = make_predictor(self.opts.lengths, self.requests, seed)   # as build_scheduler's
+            predicted = np.array([predictor.predict(q) for q in batch], dtype=np.float64)
             self.planner = remote_class(PlannerActor).options(
                 name=f"hybrid-ray-{self.run_id}-planner", num_cpus=0, max_restarts=0).remote()
-            ref = self.planner.plan.remote(self.cluster, initial_batch(self.requests), method=self.opts.plan_method,
-                                           time_limit_s=self.opts.plan_time_limit_s, workers=self.opts.plan_workers,
-                                           seed=self.opts.seed or 0)
+            ref = self.planner.plan.remote(self.cluster, batch, predicted_output=predicted,
+                                           method=self.opts.plan_method, time_limit_s=self.opts.plan_time_limit_s,
+                                           workers=self.opts.plan_workers, seed=seed)
             self.msgs["plan"] += 1
             ready, _ = ray.wait([ref], timeout=self.opts.plan_time_limit_s + self.opts.startup_timeout_s)
             if not ready:
@@ -370,7 +386,8 @@ class Driver:
             self.plan = plan
             ray.kill(self.planner)
             self.planner = None
-        return build_scheduler(self.opts.policy, self.cluster, self.requests, plan=plan)
+        return build_scheduler(self.opts.policy, self.cluster, self.requests, plan=plan, lengths=self.opts.lengths,
+                               seed=seed)
 
     def _create_actors(self, per_replica: dict[str, dict[str, float]]) -> None:
         import ray
@@ -386,8 +403,8 @@ class Driver:
         for spec in self.specs:
             opts = actor_options(per_replica[spec.group.name])
             h = replica_cls.options(name=f"hybrid-ray-{self.run_id}-{spec.name}", max_restarts=0,
-                                    max_concurrency=1000, **opts).remote(spec, factory, ts,
-                                                                         self.opts.report_interval_s)
+                                    max_concurrency=1000, **opts).remote(
+                spec, factory, ts, self.opts.report_interval_s, report_finished=sch.dispatcher is not None)
             self.handles.append(h)
         refs = {h.ready.remote(): i for i, h in enumerate(self.handles)}
         self.msgs["ready"] += len(refs)
@@ -404,7 +421,7 @@ class Driver:
         self.live = set(range(len(self.handles)))
         self.controller = remote_class(ControllerActor).options(
             name=f"hybrid-ray-{self.run_id}-controller", num_cpus=0, max_restarts=0, max_concurrency=1000,
-        ).remote(self.cluster, sch.router, sch.controller, self.handles, ts)
+        ).remote(self.cluster, sch.router, sch.controller, self.handles, ts, dispatcher=sch.dispatcher)
         ray.get(self.controller.ready.remote(), timeout=self.opts.startup_timeout_s)
         self.msgs["ready"] += 1
 
@@ -461,15 +478,19 @@ class Driver:
         next_poll = [0.0] * len(self.handles)
         route_refs: list = []
         tick = 0.05
+        next_dispatch = 0.0
+        lead = opts.dispatch_lead_s
         while self.done < self.total:
             now = time.time()
-            j = k
-            while j < n and clock.real_at(reqs[j].arrival_s) <= now:
-                j += 1
-            if j > k:
-                route_refs.append(ctrl.route.remote([sch.make_sequence(q) for q in reqs[k:j]]))
-                self.msgs["route"] += 1
-                k = j
+            if k < n and now >= next_dispatch:
+                j = k
+                while j < n and clock.real_at(reqs[j].arrival_s) <= now + lead:
+                    j += 1
+                if j > k:
+                    route_refs.append(ctrl.route.remote([sch.make_sequence(q) for q in reqs[k:j]]))
+                    self.msgs["route"] += 1
+                    k = j
+                    next_dispatch = now + opts.dispatch_gap_s
             for i in sorted(self.live):
                 if i not in poll_ref and now >= next_poll[i]:
                     poll_ref[i] = self.handles[i].poll.remote(opts.poll_wait_s)
@@ -478,7 +499,8 @@ class Driver:
             refs = list(poll_ref.values()) + route_refs
             timeout = tick
             if k < n:
-                timeout = min(timeout, max(0.0, clock.real_at(reqs[k].arrival_s) - time.time()))
+                due = max(next_dispatch, clock.real_at(reqs[k].arrival_s) - lead)
+                timeout = min(timeout, max(0.0, due - time.time()))
             if refs:
                 ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
                 if ready:
@@ -695,6 +717,9 @@ def prepare(opts: RunOptions, cluster: ClusterSpec | None = None,
         if output and Path(output).resolve() != Path(opts.resume).resolve():
             raise RuntimeSetupError(f"--resume {opts.resume} appends to that file; drop --output {output} "
                                     f"or make it the same file")
+        if not Path(opts.resume).exists():
+            raise RuntimeSetupError(f"--resume {opts.resume}: no such results file (a new run writes one with "
+                                    f"--output {opts.resume})")
         done = read_results(opts.resume).ids
         output = opts.resume
         before = len(requests)

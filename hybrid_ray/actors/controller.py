@@ -1,8 +1,10 @@
 """ControllerActor: the scheduler's router and controller objects, fed by the replicas' load reports.
 
 It makes no decision of its own: ``route`` calls ``scheduler.router.route`` on the latest reports
-and ``rebalance`` calls ``scheduler.controller.rebalance`` every ``interval_s`` modelled seconds;
-the actor only carries the decisions out (``add``, ``take_back`` + ``add``) and keeps books:
+(or, for pull-based policies, ``scheduler.dispatcher.admit``, and ``dispatcher.on_finished`` when
+a replica's push lists finished sequences) and ``rebalance`` calls
+``scheduler.controller.rebalance`` every ``interval_s`` modelled seconds; the actor only carries
+the decisions out (``add``, ``take_back`` + ``add``) and keeps books:
 
 * the latest report of each replica, plus the adds and take-backs it sent since (a report says,
   by its ``tag``, which of them it reflects), so two routing calls a few milliseconds apart do
@@ -45,6 +47,7 @@ class ControllerStats:
     moves: int = 0                                                  # sequences moved
     rerouted_from_dead: int = 0
     dead: list[int] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -56,10 +59,12 @@ class _Delta:
 
 class ControllerActor:
     def __init__(self, cluster: ClusterSpec, router, controller, replicas: list, time_scale: float,
-                 call_timeout_s: float = 30.0):
+                 call_timeout_s: float = 30.0, dispatcher=None):
         self.specs = cluster.replicas()
         self.router = router
         self.ctrl = controller
+        self.dispatcher = dispatcher        # pull-based dispatch replaces the router when set
+        self.dispatched: set[str] = set()   # ids the dispatcher placed (and expects on_finished for)
         self.fallback = LeastLoadedRouter()
         self.handles = list(replicas)
         self.time_scale = time_scale
@@ -74,7 +79,6 @@ class ControllerActor:
         self.stats = ControllerStats()
         self.msgs: Counter = Counter()
         self.clock: ModelClock | None = None
-        self._lock = asyncio.Lock()
         self._task: asyncio.Task | None = None
         self._stop = False
 
@@ -97,46 +101,73 @@ class ControllerActor:
                 await self._task
             except (asyncio.CancelledError, Exception):
                 pass
-        return self.get_stats()
+        return self._stats()
 
-    def get_stats(self) -> ControllerStats:
+    def _stats(self) -> ControllerStats:
         self.stats.messages = dict(self.msgs)
         self.stats.dead = sorted(self.dead)
         return self.stats
 
     # -- inputs ---------------------------------------------------------------------------------
-    def report(self, index: int, rep: LoadReport, tag: int) -> None:
-        """A replica's pushed load; kept if at least as new as the stored one."""
+    async def report(self, index: int, rep: LoadReport, tag: int, finished: list[Sequence] | None = None) -> None:
+        """A replica's pushed load (kept if at least as new as the stored one), and, for a
+        dispatcher, the sequences it finished since its last push."""
         self.msgs["report"] += 1
-        if index in self.dead or tag < self.report_tag[index]:
+        if index in self.dead:
             return
-        if tag == self.report_tag[index] and rep.now < self.reports[index].now:
-            return
-        self.reports[index] = rep
-        self.report_tag[index] = tag
-        self.deltas[index] = [d for d in self.deltas[index] if d.tag > tag]
+        if tag > self.report_tag[index] or (tag == self.report_tag[index] and rep.now >= self.reports[index].now):
+            self.reports[index] = rep
+            self.report_tag[index] = tag
+            self.deltas[index] = [d for d in self.deltas[index] if d.tag > tag]
+        if finished and self.dispatcher is not None:
+            mine = [s for s in finished if s.id in self.dispatched]
+            if mine:
+                self.dispatched.difference_update(s.id for s in mine)
+                t0 = time.perf_counter()
+                pairs = self.dispatcher.on_finished(index, mine, self._live_loads())
+                self.stats.route_latency_s.append(time.perf_counter() - t0)
+                self.dispatched.update(s.id for s, _ in pairs)
+                await self._place(pairs, max(s.finish_s for s in mine))
 
     async def route(self, seqs: list[Sequence]) -> list[int]:
-        """Route newly arrived sequences with the scheduler's router; returns each one's replica."""
+        """Route newly arrived sequences with the scheduler's router (or dispatcher); returns targets."""
         self.msgs["route"] += 1
-        async with self._lock:
-            return await self._route(seqs, at=float("-inf"))
+        if self.dispatcher is not None:
+            t0 = time.perf_counter()
+            pairs = self.dispatcher.admit(seqs, self._live_loads())
+            self.stats.route_latency_s.append(time.perf_counter() - t0)
+            self.dispatched.update(s.id for s, _ in pairs)
+            placed = {s.id: t for s, t in pairs}
+            await self._place(pairs, float("-inf"))
+            return [placed.get(s.id, -1) for s in seqs]       # -1: held back by the dispatcher
+        return await self._route(seqs, at=float("-inf"))
 
     async def requeue(self, seqs: list[Sequence]) -> list[int]:
-        """Route fresh copies of a failed replica's unfinished requests over the live replicas."""
+        """Route fresh copies of a failed replica's unfinished requests over the live replicas.
+
+        With a dispatcher they go to the least-loaded live replica outside its blocks (the
+        dispatcher's book-keeping of a lost block cannot be redone).
+        """
         self.msgs["requeue"] += 1
-        async with self._lock:
-            return await self._route(seqs, at=self.clock.now() if self.clock else None)
+        at = self.clock.now() if self.clock else None
+        if self.dispatcher is not None:
+            self.dispatched.difference_update(s.id for s in seqs)
+            live = self._live_loads()
+            if not live:
+                raise NoLiveReplicaError(f"no live replica to route {len(seqs)} requests to")
+            targets = self.fallback.route(seqs, live)
+            await self._place(list(zip(seqs, targets)), at)
+            return targets
+        return await self._route(seqs, at=at)
 
     async def replica_failed(self, index: int) -> list[str]:
         """Mark a replica dead; return the ids last sent there (the driver drops finished ones)."""
         self.msgs["replica_failed"] += 1
-        async with self._lock:
-            self.dead.add(index)
-            self.deltas[index] = []
-            return [rid for rid, i in self.where.items() if i == index]
+        self.dead.add(index)
+        self.deltas[index] = []
+        return [rid for rid, i in self.where.items() if i == index]
 
-    def loads(self) -> list[LoadReport]:
+    def _loads(self) -> list[LoadReport]:
         """What the router and controller see: latest reports + changes sent since, dead ones inflated."""
         out = []
         for i, r in enumerate(self.reports):
@@ -154,10 +185,13 @@ class ControllerActor:
         return out
 
     # -- decisions carried out --------------------------------------------------------------------
+    # Decisions and their bookkeeping (deltas, ``where``) happen without an ``await`` in between,
+    # so concurrent calls on the actor's event loop never see half of one; the adds then travel
+    # while the next decision is made (Ray keeps calls to one replica in order).
     async def _route(self, seqs: list[Sequence], at: float | None) -> list[int]:
         if not seqs:
             return []
-        loads = self.loads()
+        loads = self._loads()
         t0 = time.perf_counter()
         targets = list(self.router.route(seqs, loads))
         self.stats.route_latency_s.append(time.perf_counter() - t0)
@@ -169,29 +203,39 @@ class ControllerActor:
             for k, t in zip(bad, self.fallback.route([seqs[k] for k in bad], live)):
                 targets[k] = t
             self.stats.rerouted_from_dead += len(bad)
-        groups: dict[int, list[Sequence]] = {}
-        for s, t in zip(seqs, targets):
-            groups.setdefault(t, []).append(s)
-        await asyncio.gather(*(self._add(t, group, at) for t, group in sorted(groups.items())))
+        await self._place(list(zip(seqs, targets)), at)
         return targets
 
-    async def _add(self, i: int, seqs: list[Sequence], at: float | None) -> bool:
-        """Send ``seqs`` to replica ``i``; on failure they stay booked there, for the driver's requeue."""
+    async def _place(self, pairs: list[tuple[Sequence, int]], at: float | None) -> None:
+        """Send (sequence, replica) decisions, one add per replica, and wait until they landed."""
+        groups: dict[int, list[Sequence]] = {}
+        for s, t in pairs:
+            groups.setdefault(t, []).append(s)
+        sent = [(t, self._send(t, group, at)) for t, group in sorted(groups.items())]
+        await asyncio.gather(*(self._settle(t, ref) for t, ref in sent))
+
+    def _live_loads(self) -> list[LoadReport]:
+        return [r for r in self._loads() if r.index not in self.dead]
+
+    def _send(self, i: int, seqs: list[Sequence], at: float | None):
+        """Book ``seqs`` on replica ``i`` and send them; they stay booked there if it fails (driver requeues)."""
         self.next_tag[i] += 1
         tag = self.next_tag[i]
-        spec = self.specs[i]
-        g = spec.group
+        g = self.specs[i].group
         work = sum(sequence_work(g.cost_model, g.max_batch_size, g.kv_capacity_tokens, s.req.prompt_tokens,
                                  s.predicted_output) for s in seqs)
         self.deltas[i].append(_Delta(tag, len(seqs), work))
         for s in seqs:
             self.where[s.id] = i
         self.msgs["add"] += 1
+        return self.handles[i].add.remote(seqs, tag, at)
+
+    async def _settle(self, i: int, ref) -> bool:
         try:
-            await self._call(self.handles[i].add.remote(seqs, tag, at))
+            await self._call(ref)
             return True
-        except Exception:
-            self.dead.add(i)             # the driver confirms through its own poll and requeues
+        except Exception:                # noqa: BLE001 -- dead or hung: the driver confirms and requeues
+            self.dead.add(i)
             return False
 
     async def _rebalance_loop(self) -> None:
@@ -199,11 +243,15 @@ class ControllerActor:
         period = max(self.ctrl.interval_s * self.time_scale, 0.001)
         while not self._stop:
             await asyncio.sleep(period)
-            async with self._lock:
+            try:
                 await self._rebalance()
+            except NoLiveReplicaError:
+                return
+            except Exception as e:       # noqa: BLE001 -- keep routing even if one rebalance failed
+                self.stats.errors.append(f"{type(e).__name__}: {e}")
 
     async def _rebalance(self) -> None:
-        loads = [r for r in self.loads() if r.index not in self.dead]   # controllers pair replicas by .index
+        loads = self._live_loads()       # controllers pair replicas by .index: the dead are left out
         now = self.clock.now()
         t0 = time.perf_counter()
         moves = self.ctrl.rebalance(loads, now)
@@ -216,7 +264,7 @@ class ControllerActor:
             self.msgs["take_back"] += 1
             try:
                 taken = await self._call(self.handles[m.src].take_back.remote(m.count, tag))
-            except Exception:
+            except Exception:            # noqa: BLE001 -- its requests stay booked there: requeued
                 self.dead.add(m.src)
                 continue
             if not taken:
@@ -227,7 +275,10 @@ class ControllerActor:
                                          s.predicted_output) for s in taken)
                 self.deltas[m.src].append(_Delta(tag, -len(taken), -work))
             self.stats.moves += len(taken)
-            await self._add(m.dst, taken, now)
+            if m.dst in self.dead:       # died while we took the work back: the router places it
+                await self._route(taken, now)
+            else:
+                await self._settle(m.dst, self._send(m.dst, taken, now))
 
     async def _call(self, ref):
         return await asyncio.wait_for(asyncio.wrap_future(ref.future()), self.call_timeout_s)

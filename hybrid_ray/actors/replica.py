@@ -19,10 +19,14 @@ let a prefill-first policy stall its batch waiting for it); an idle replica jump
 the next visible time.
 
 Reports. A ``LoadReport`` is pushed to the controller after every iteration that finished a
-request, when the replica goes idle, and otherwise every ``report_interval_s`` *real* seconds
-while busy (real, because what must keep up with it is the controller's real-time view). Each
+request (coalesced to at most one per ``push_gap_s``, 20 ms, so a replica finishing requests
+every few hundred microseconds of real time does not flood the controller), when the replica
+goes idle, and otherwise every ``report_interval_s`` *real* seconds while busy (real, because
+what must keep up with it is the controller's real-time view). Each
 push carries ``tag``: the controller's number of the last ``add``/``take_back`` this replica
-applied, so the controller can tell which of its own changes a report already reflects.
+applied, so the controller can tell which of its own changes a report already reflects. For a
+pull-based dispatcher (``report_finished``), every iteration that finished requests pushes at
+once, listing them: the dispatcher releases the next block when one completes.
 """
 from __future__ import annotations
 
@@ -70,11 +74,17 @@ class ReplicaStats:
 
 class ReplicaActor:
     def __init__(self, spec: ReplicaSpec, policy_factory: Callable[[ReplicaState], Any], time_scale: float = 1.0,
-                 report_interval_s: float = 0.1, engine: Engine | None = None):
+                 report_interval_s: float = 0.1, engine: Engine | None = None, push_gap_s: float = 0.02,
+                 report_finished: bool = False):
         self.state = ReplicaState(spec)
         self.policy = policy_factory(self.state)
         self.engine: Engine = engine if engine is not None else EmulatedEngine(time_scale)
         self.report_interval_s = report_interval_s
+        # a pull-based dispatcher releases work when sequences finish: tell it at once, and which
+        self.report_finished = report_finished
+        self.push_gap_s = 0.0 if report_finished else min(push_gap_s, report_interval_s)
+        self._finished: list[Sequence] = []   # finished since the last push (report_finished only)
+        self._dirty = False                # completions not yet reported
         self.clock: ModelClock | None = None
         self.t = 0.0                       # modelled end of the last iteration (or start of the run)
         self.controller = None             # ControllerActor handle, set by start()
@@ -211,7 +221,16 @@ class ReplicaActor:
                 self._admit()
                 if not state.has_work or start_iteration(state, self.policy) is None:
                     if self._arriving:                 # idle until the next visible time
-                        self.t = max(self.t, self._arriving[0][0])
+                        nxt = self._arriving[0][0]
+                        delay = self.clock.real_at(nxt) - time.time()
+                        if delay > 0:                  # sent early: do not run ahead of real time
+                            self._wake.clear()
+                            try:
+                                await asyncio.wait_for(self._wake.wait(), delay)
+                            except asyncio.TimeoutError:
+                                pass
+                            continue
+                        self.t = max(self.t, nxt)
                         self.engine.reset_pace()
                         continue
                     self._push()                       # going idle: the controller should know
@@ -234,8 +253,11 @@ class ReplicaActor:
                 if done:
                     self._done.extend(CompletionRecord.from_sequence(s) for s in done)
                     self._has_done.set()
-                    self._push()
-                elif time.time() - self._last_push >= self.report_interval_s:
+                    self._dirty = True
+                    if self.report_finished:
+                        self._finished.extend(done)
+                since = time.time() - self._last_push
+                if since >= self.report_interval_s or (self._dirty and since >= self.push_gap_s):
                     self._push()
         except Exception as e:                         # a bug: make it visible to poll, then stop
             self.stats.errors.append(f"{type(e).__name__}: {e}")
@@ -257,11 +279,16 @@ class ReplicaActor:
     # -- helpers --------------------------------------------------------------------------------
     def _push(self) -> None:
         self._last_push = time.time()
+        self._dirty = False
         if self.controller is None:
             return
         self.stats.pushes += 1
-        # fire and forget: a lost report is superseded by the next one
-        self.controller.report.remote(self.state.index, self.report(), self.tag)
+        # fire and forget: Ray delivers calls to a live actor in order
+        if self._finished:
+            fin, self._finished = self._finished, []
+            self.controller.report.remote(self.state.index, self.report(), self.tag, fin)
+        else:
+            self.controller.report.remote(self.state.index, self.report(), self.tag)
 
     def _behind(self) -> float:
         return float(getattr(self.engine, "behind_s", 0.0))

@@ -8,7 +8,7 @@ output lengths of random GSM8K items) with Poisson arrivals at ``--rate`` reques
 second (0: all at t = 0), written as a JSONL file; the cluster is ``local.yaml``'s replica group
 repeated ``--replicas`` times.
 
-    python -m hybrid_ray.bench_runtime_load --requests 20000 --replicas 16
+    python -m hybrid_ray.bench.load --requests 20000 --replicas 16
 """
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .config import load_cluster
-from .runtime import RunOptions, run
-from .workload import load_gsm8k, load_workload
+from ..config import ClusterSpec, load_cluster
+from ..runtime import RunOptions, run
+from ..jsonout import write_json
+from ..workload import Request, load_gsm8k, load_workload
 
 
 def write_workload(path: Path, n: int, rate: float, seed: int = 0) -> Path:
@@ -41,20 +42,29 @@ def write_workload(path: Path, n: int, rate: float, seed: int = 0) -> Path:
     return path
 
 
-def run_load(requests: int = 20_000, replicas: int = 16, rate: float = 400.0, time_scale: float = 0.5,
-             policy: str = "baseline", address: str | None = None, seed: int = 0, progress: bool = True) -> dict:
-    """Run the benchmark; return its figures (also the run's summary numbers)."""
+def load_cluster_x(replicas: int, time_scale: float) -> ClusterSpec:
+    """``local.yaml``'s replica group, ``replicas`` times."""
     base = load_cluster("local")
     g = base.groups[0]
-    cluster = replace(base, name=f"local-x{replicas}", groups=(replace(g, count=replicas),),
-                      time_scale=time_scale, source=f"{base.source} (x{replicas} replicas)")
+    return replace(base, name=f"local-x{replicas}", groups=(replace(g, count=replicas),), time_scale=time_scale,
+                   source=f"{base.source} (x{replicas} replicas)")
+
+
+def load_requests(requests: int, rate: float, seed: int = 0) -> list[Request]:
+    """The benchmark's workload, written as JSONL and read back through the ordinary loader."""
     with tempfile.TemporaryDirectory() as tmp:
-        wl = write_workload(Path(tmp) / "load.jsonl", requests, rate, seed)
-        reqs = load_workload(str(wl))
-        t0 = time.perf_counter()
-        res = run(RunOptions(policy=policy, address=address, progress=progress, cpus_per_replica=0.1),
-                  cluster=cluster, requests=reqs)
-        wall = time.perf_counter() - t0
+        return load_workload(str(write_workload(Path(tmp) / "load.jsonl", requests, rate, seed)))
+
+
+def run_load(requests: int = 20_000, replicas: int = 16, rate: float = 400.0, time_scale: float = 1.0,
+             policy: str = "baseline", address: str | None = None, seed: int = 0, progress: bool = True) -> dict:
+    """Run the benchmark; return its figures (also the run's summary numbers)."""
+    cluster = load_cluster_x(replicas, time_scale)
+    reqs = load_requests(requests, rate, seed)
+    t0 = time.perf_counter()
+    res = run(RunOptions(policy=policy, address=address, progress=progress, cpus_per_replica=0.1),
+              cluster=cluster, requests=reqs)
+    wall = time.perf_counter() - t0
     s = res.summary
     return {
         "requests": requests, "replicas": replicas, "rate_per_s": rate, "time_scale": time_scale, "policy": policy,
@@ -68,11 +78,12 @@ def run_load(requests: int = 20_000, replicas: int = 16, rate: float = 400.0, ti
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hybrid_ray.bench_runtime_load", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m hybrid_ray.bench.load", description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=20_000)
     p.add_argument("--replicas", type=int, default=16)
     p.add_argument("--rate", type=float, default=400.0, help="arrivals per modelled second (0: all at t=0)")
-    p.add_argument("--time-scale", type=float, default=0.5)
+    p.add_argument("--time-scale", type=float, default=1.0,
+                   help="real seconds per modelled second (default 1: smaller ones outrun a 2-core host at this load)")
     p.add_argument("--policy", default="baseline")
     p.add_argument("--address", default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -89,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  host lag behind schedule       {fig['max_lag_s']:.3f} s")
     print(f"  TTFT p50 / p99 (modelled)      {fig['ttft_p50_s']:.3f} / {fig['ttft_p99_s']:.3f} s")
     if a.json:
-        Path(a.json).write_text(json.dumps(fig, indent=2) + "\n")
+        write_json(a.json, fig)
     return 0 if fig["completed"] == fig["requests"] else 1
 
 

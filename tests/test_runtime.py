@@ -1,0 +1,383 @@
+"""Ray runtime: the same policies as the simulator on actors, with faults, resume and bad inputs.
+
+Tests marked ``ray`` share one local Ray session (8 logical CPUs: emulated replicas only sleep).
+The first tests drive a ``ReplicaActor`` in-process (no Ray) against the simulator.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+
+import pytest
+
+from hybrid_ray.actors.replica import ReplicaActor
+from hybrid_ray.cli import main
+from hybrid_ray.inputs import load_inputs
+from hybrid_ray.policies import build_scheduler
+from hybrid_ray.policies.controller import RebalanceController
+from hybrid_ray.policies.routing import RoundRobinRouter
+from hybrid_ray.results import read_results
+from hybrid_ray.runtime import ReplicasLostError, RunOptions, RuntimeSetupError, connect_ray, run
+from hybrid_ray.simulator import simulate
+
+SIM_KEYS = {"policy", "config", "requests_total", "requests_completed", "makespan_s", "utilization_busy",
+            "utilization_slots", "throughput_tok_s", "output_tokens", "ttft_p50_s", "ttft_p99_s", "e2e_p99_s",
+            "preemptions", "moves", "iterations", "replica_finish_s", "lower_bound_s", "gap"}
+RUN_KEYS = {"wall_s", "failed_replicas", "requeued", "controller_decision_p99_s", "messages_per_request"}
+PAPER = dict(config="paper_llama65b", cpus_per_replica=1.0, progress=False)   # 4 replicas, batch 8, GPUs emulated
+
+
+# -- in-process: the actor's loop is the simulator's ------------------------------------------------
+
+async def _drive(cluster, scheduler, requests, sim_record, time_scale):
+    """Run one ReplicaActor per replica in this event loop, with the simulator's routing."""
+    where = {s.id: int(s.replica.rsplit("-", 1)[1]) for s in sim_record.sequences}
+    actors = [ReplicaActor(spec, scheduler.policy_factory, time_scale) for spec in cluster.replicas()]
+    epoch = time.time() + 0.02
+    for a in actors:
+        await a.start(epoch, 0.0)
+    for q in sorted(requests, key=lambda q: q.arrival_s):
+        delay = epoch + q.arrival_s * time_scale - 0.05 - time.time()   # 50 ms early, as the driver sends
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await actors[where[q.id]].add([scheduler.make_sequence(q)], 0, float("-inf"))
+    done = []
+    while len(done) < len(requests):
+        for a in actors:
+            done += (await a.poll(0.0)).completions
+        await asyncio.sleep(0.002)
+    states = [await a.finish() for a in actors]
+    return {d.id: d for d in done}, states
+
+
+def test_actor_loop_reproduces_the_simulator_exactly():
+    cluster, requests = load_inputs("paper_llama65b", "gsm8k", 60)
+    rec = simulate(cluster, build_scheduler("baseline", cluster, requests), requests)
+    sch = build_scheduler("baseline", cluster, requests)
+    done, states = asyncio.run(_drive(cluster, sch, requests, rec, 0.001))
+    assert len(done) == len(requests)
+    for s in rec.sequences:
+        d = done[s.id]
+        assert d.replica == s.replica
+        assert d.first_token_s == pytest.approx(s.first_token_s, abs=1e-9)
+        assert d.finish_s == pytest.approx(s.finish_s, abs=1e-9)
+    assert sum(len(st.records) for st in states) == sum(len(r.records) for r in rec.replicas)
+
+
+def test_actor_loop_with_arrivals_matches_the_simulator():
+    cluster, requests = load_inputs("local", "azure-conv", 80)
+    rec = simulate(cluster, build_scheduler("baseline", cluster, requests), requests)
+    done, _ = asyncio.run(_drive(cluster, build_scheduler("baseline", cluster, requests), requests, rec, 0.01))
+    finish = max(d.finish_s for d in done.values())
+    assert finish == pytest.approx(rec.makespan_s, rel=0.01)
+    same = sum(abs(done[s.id].first_token_s - s.first_token_s) < 1e-6 for s in rec.sequences)
+    assert same >= 0.95 * len(requests)        # sent early, held until their arrival: the same timeline
+
+
+def test_actor_take_back_and_drain():
+    cluster, requests = load_inputs("paper_llama65b", "gsm8k", 30)
+    sch = build_scheduler("baseline", cluster, requests)
+
+    async def go():
+        a = ReplicaActor(cluster.replicas()[0], sch.policy_factory, 1.0)
+        await a.add([sch.make_sequence(q) for q in requests[:20]], tag=3)
+        assert a.report().waiting == 20 and a.report().movable == 20 and a.tag == 3
+        taken = await a.take_back(5)
+        assert [s.id for s in taken] == [q.id for q in requests[15:20][::-1]]   # newest first
+        await a.start(time.time(), 0.0)
+        await asyncio.sleep(0.2)                       # a few real iterations at time_scale 1
+        rest = await a.drain()
+        done = (await a.poll(0.0)).completions
+        assert {s.id for s in rest} | {d.id for d in done} == {q.id for q in requests[:15]}
+        assert all(s.status == 0 and s.prefilled == 0 for s in rest)   # reset for recompute elsewhere
+        assert a.stats.iterations >= 1
+
+    asyncio.run(go())
+
+
+# -- on Ray -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray = pytest.importorskip("ray")
+    import logging
+
+    ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level=logging.WARNING)
+    yield ray
+    ray.shutdown()
+
+
+def _ids_once(path, expected):
+    res = read_results(path)
+    assert res.duplicates == [], f"duplicates in {path}: {res.duplicates[:5]}"
+    assert res.ids == set(expected)
+    return res
+
+
+@pytest.mark.ray
+def test_plan_dispatch_complete(ray_session, tmp_path):
+    """offline: plan in the PlannerActor, dispatch, every request once; same plan in the simulator agrees."""
+    out = tmp_path / "res.jsonl"
+    res = run(RunOptions(policy="offline", limit=120, output=str(out), plan_method="lpt", **PAPER))
+    cluster, requests = load_inputs("paper_llama65b", "gsm8k", 120)
+    _ids_once(out, [q.id for q in requests])
+    data = res.to_dict()
+    assert SIM_KEYS | RUN_KEYS <= set(data)
+    s = res.summary
+    assert s.requests_completed == s.requests_total == 120
+    assert res.plan is not None and set(res.plan.assignment) == {q.id for q in requests}
+    on = {d.id: d.replica for d in read_results(out).records}
+    assert on == res.plan.assignment                    # the plan's assignment was carried out
+    assert s.makespan_s >= s.lower_bound_s > 0
+    assert 0 < s.utilization_slots <= s.utilization_busy <= 1
+    assert data["failed_replicas"] == 0 and data["requeued"] == 0
+    assert 0 < data["controller_decision_p99_s"] < 0.05
+    assert 0 < data["messages_per_request"] < 10
+    assert s.output_tokens == sum(q.output_tokens for q in requests)
+    sim = simulate(cluster, build_scheduler("offline", cluster, requests, plan=res.plan), requests)
+    assert s.makespan_s == pytest.approx(sim.makespan_s, rel=0.05)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("policy, knobs", [
+    ("baseline", {}),
+    ("hybrid", {}),                                                  # plan + Lagrangian rule + controller
+    # pull-based dispatcher: blocks of 8, the next one released when one completes (with one block in
+    # flight per replica, the replica idles until then, so Ray's latency does not enter modelled time)
+    ("raydata", {"raydata": {"batch_size": 8, "max_concurrent_batches": 1}}),
+])
+def test_run_agrees_with_simulate(ray_session, policy, knobs):
+    cluster, requests = load_inputs("paper_llama65b", "gsm8k", 120)
+    cluster = replace(cluster, policy=knobs)
+    res = run(RunOptions(policy=policy, plan_method="lpt", **PAPER), cluster=cluster, requests=requests)
+    sim = simulate(cluster, build_scheduler(policy, cluster, requests, plan=res.plan), requests)
+    assert res.summary.requests_completed == 120
+    assert res.summary.makespan_s == pytest.approx(sim.makespan_s, rel=0.05)
+    assert res.summary.iterations == pytest.approx(sum(len(r.records) for r in sim.replicas), rel=0.05)
+    assert res.summary.output_tokens == sum(q.output_tokens for q in requests)
+
+
+@pytest.mark.ray
+def test_controller_moves_work(ray_session):
+    """Round robin + the rebalancing controller: moves are carried out (take_back + add), nothing is lost."""
+    cluster, requests = load_inputs("paper_llama65b", "gsm8k", 200)
+
+    def scheduler():
+        sch = build_scheduler("baseline", cluster, requests)
+        sch.router, sch.controller = RoundRobinRouter(), RebalanceController(1.0, 0.5, 0.01, 4)
+        return sch
+
+    sim = simulate(cluster, scheduler(), requests)
+    res = run(RunOptions(time_scale=0.05, **PAPER), cluster=cluster, requests=requests, scheduler=scheduler())
+    assert sim.moves > 0 and res.summary.moves > 0
+    assert res.messages.get("take_back", 0) > 0
+    assert res.summary.requests_completed == 200
+    assert res.summary.makespan_s == pytest.approx(sim.makespan_s, rel=0.1)
+
+
+@pytest.mark.ray
+def test_replica_killed_mid_run(ray_session, tmp_path):
+    out = tmp_path / "res.jsonl"
+    killed = {}
+
+    def hook(d):
+        if not killed and d.done >= 40:
+            killed["at"] = d.done
+            ray_session.kill(d.handles[1])
+
+    res = run(RunOptions(limit=200, output=str(out), time_scale=0.05, **PAPER), hook=hook)
+    cluster, requests = load_inputs("paper_llama65b", "gsm8k", 200)
+    rf = _ids_once(out, [q.id for q in requests])
+    assert killed["at"] < 200
+    assert res.failed_replicas == ["llama65b-tp2-1"] and res.to_dict()["failed_replicas"] == 1
+    assert 0 < res.requeued <= 200 // 4 + 1
+    assert res.summary.requests_completed == 200
+    on_dead = [r for r in rf.records if r.replica == "llama65b-tp2-1"]
+    assert len(on_dead) + res.requeued == 50           # least-loaded put 50 there: finished or recomputed
+    sim = simulate(cluster, build_scheduler("baseline", cluster, requests), requests)
+    assert res.summary.makespan_s > sim.makespan_s     # three replicas did the fourth one's rest
+
+
+@pytest.mark.ray
+def test_all_replicas_killed_then_resume(ray_session, tmp_path):
+    out = tmp_path / "res.jsonl"
+    cluster, requests = load_inputs("paper_llama65b", "gsm8k", 200)
+
+    def hook(d):
+        if d.done >= 30:
+            for i in sorted(d.live):
+                ray_session.kill(d.handles[i])
+
+    t0 = time.perf_counter()
+    with pytest.raises(ReplicasLostError) as info:
+        run(RunOptions(limit=200, output=str(out), time_scale=0.05, heartbeat_timeout_s=5, **PAPER), hook=hook)
+    assert time.perf_counter() - t0 < 30
+    err = info.value
+    finished = read_results(out).ids
+    assert len(finished) >= 30
+    assert set(err.unfinished) == {q.id for q in requests} - finished
+    assert err.path == f"{out}.unfinished.txt"
+    assert open(err.path).read().split() == err.unfinished
+    msg = str(err)
+    assert "all 4 replicas failed" in msg and err.unfinished[0] in msg and f"--resume {out}" in msg
+
+    res = run(RunOptions(limit=200, resume=str(out), time_scale=0.05, **PAPER))
+    _ids_once(out, [q.id for q in requests])
+    assert res.skipped == len(finished)
+    assert res.summary.requests_total == 200 - len(finished)
+
+
+@pytest.mark.ray
+def test_driver_crash_then_resume_with_truncated_line(ray_session, tmp_path):
+    out = tmp_path / "res.jsonl"
+    cluster, requests = load_inputs("paper_llama65b", "gsm8k", 200)
+
+    class Crash(Exception):
+        pass
+
+    def hook(d):
+        if d.done >= 50:
+            raise Crash()
+
+    with pytest.raises(Crash):
+        run(RunOptions(limit=200, output=str(out), time_scale=0.05, **PAPER), hook=hook)
+    before = read_results(out).ids
+    assert 50 <= len(before) < 200
+    with open(out, "a") as fh:
+        fh.write('{"id": "gsm8k-199", "replica": "llama65b-tp2-0", "arri')   # died mid-line
+    assert read_results(out).truncated_tail
+    res = run(RunOptions(limit=200, resume=str(out), **PAPER))
+    rf = _ids_once(out, [q.id for q in requests])
+    assert not rf.truncated_tail
+    assert res.skipped == len(before)
+    assert res.summary.requests_completed == 200 - len(before)
+    assert run(RunOptions(limit=200, resume=str(out), **PAPER)).summary is None   # nothing left
+
+
+@pytest.mark.ray
+def test_cli_run_json(ray_session, tmp_path, capsys):
+    out = tmp_path / "m.json"
+    assert main(["run", "--config", "paper_llama65b", "--cpus-per-replica", "0.5", "--limit", "40",
+                 "--no-progress", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert SIM_KEYS | RUN_KEYS <= set(data)
+    assert data["requests_completed"] == data["requests_total"] == 40 and data["failed_replicas"] == 0
+    text = capsys.readouterr().out
+    assert "total inference time" in text and "Ray messages per request" in text and "40/40 completed" in text
+
+
+@pytest.mark.ray
+def test_existing_output_needs_resume(ray_session, tmp_path):
+    out = tmp_path / "res.jsonl"
+    out.write_text('{"id": "x"}\n')
+    with pytest.raises(RuntimeSetupError, match="--resume"):
+        run(RunOptions(limit=5, output=str(out), **PAPER))
+
+
+@pytest.mark.ray
+def test_missing_gpus_fail_fast(ray_session):
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeSetupError) as info:
+        run(RunOptions(config="paper_llama65b", limit=5, progress=False))
+    assert time.perf_counter() - t0 < 5
+    msg = str(info.value)
+    assert "'llama65b-tp2'" in msg and "2 GPU per replica" in msg and "largest node: 0 GPU" in msg
+    assert "CPU 8" in msg and "--cpus-per-replica" in msg
+
+
+@pytest.mark.ray
+def test_too_many_cpus_fail_fast(ray_session):
+    with pytest.raises(RuntimeSetupError) as info:
+        run(RunOptions(config="paper_llama65b", cpus_per_replica=3, limit=5, progress=False))
+    msg = str(info.value)
+    assert "'llama65b-tp2' 4 x 3" in msg and "12 CPU needed" in msg and "has 8 CPU" in msg
+
+
+@pytest.mark.ray
+def test_bad_addresses_fail_fast(ray_session):
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeSetupError, match="cannot reach 127.0.0.1:1"):
+        connect_ray("127.0.0.1:1", timeout_s=5)
+    with pytest.raises(RuntimeSetupError, match="ray job submit"):
+        connect_ray("http://127.0.0.1:8265")
+    with pytest.raises(RuntimeSetupError, match="not a number"):
+        connect_ray("127.0.0.1:http")
+    assert time.perf_counter() - t0 < 6
+
+
+@pytest.mark.ray
+def test_address_that_is_not_ray_times_out(tmp_path):
+    """A port that accepts TCP but is no Ray GCS: a clear error after --connect-timeout, not a hang."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    port = srv.getsockname()[1]
+    stop = threading.Event()
+
+    def accept():
+        srv.settimeout(0.2)
+        conns = []
+        while not stop.is_set():
+            try:
+                conns.append(srv.accept()[0])
+            except OSError:
+                pass
+        for c in conns:
+            c.close()
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    try:
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "hybrid_ray.cli", "run", "--address", f"127.0.0.1:{port}",
+                               "--connect-timeout", "3", "--limit", "5", "--no-progress"],
+                              capture_output=True, text=True, timeout=60)
+        elapsed = time.perf_counter() - t0
+    finally:
+        stop.set()
+        t.join()
+        srv.close()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "hybrid-ray: error:" in proc.stderr and "no Ray cluster answered within 3 s" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert elapsed < 20
+
+
+# -- slow: the embedded default from a shell, and the load benchmark -------------------------------
+
+@pytest.mark.slow
+def test_default_run_from_a_shell_is_quick(tmp_path):
+    out = tmp_path / "m.json"
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "hybrid_ray.cli", "run", "--json", str(out)], capture_output=True,
+                          text=True, timeout=120)
+    wall = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert wall < 60
+    data = json.loads(out.read_text())
+    assert data["requests_completed"] == data["requests_total"] == 1319
+    cluster, requests = load_inputs()
+    sim = simulate(cluster, build_scheduler("baseline", cluster, requests), requests)
+    assert data["makespan_s"] == pytest.approx(sim.makespan_s, rel=0.05)
+    assert "run: 1319/1319 done" in proc.stderr          # the progress line
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_load_20k_requests_16_replicas(ray_session):
+    from hybrid_ray.bench.load import load_cluster_x, load_requests, run_load
+
+    fig = run_load(20_000, 16, rate=400.0, time_scale=1.0, progress=False)
+    assert fig["completed"] == 20_000 and fig["failed_replicas"] == 0
+    assert fig["controller_decision_p99_s"] < 0.005
+    assert fig["messages_per_request"] < 5
+    cluster, requests = load_cluster_x(16, 1.0), load_requests(20_000, 400.0)
+    sim = simulate(cluster, build_scheduler("baseline", cluster, requests), requests)
+    assert fig["makespan_s"] == pytest.approx(sim.makespan_s, rel=0.05)
+    assert fig["late_mean_s"] < 0.01 * fig["makespan_s"]   # the controller kept up: adds arrive in time
