@@ -35,15 +35,24 @@ def test_bench_paper_table_and_files(paper):
     assert json.loads((out / "paper.json").read_text())["rows"].keys() == rows.keys()
 
 
-def test_cases_are_seeded_and_summarised():
+def test_cases_are_seeded_and_summarised(tmp_path):
     pool = load_gsm8k()
     a, b = make_case(5, pool), make_case(5, pool)
     assert a[2] == b[2] and [q.id for q in a[1]] == [q.id for q in b[1]]
     assert make_case(6, pool)[2] != a[2] or len(make_case(6, pool)[1]) != len(a[1])
     results = [run_case(i, 1000 + i, pool, time_limit_s=0.5) for i in range(3)]
-    data = report(results, 0, None, 0.0, progress=None)
+    data = report(results, 0, str(tmp_path / "c.json"), 0.0, progress=None)
+    assert json.loads((tmp_path / "c.json").read_text())["summary"] == data["summary"]
     imp = [1 - r.makespan_s["hybrid"] / r.makespan_s["baseline"] for r in results]
     assert data["summary"]["hybrid"]["makespan_reduction_pct"]["mean"] == pytest.approx(100 * sum(imp) / 3)
     assert data["summary"]["hybrid"]["worse_than_baseline"] == sum(x < 0 for x in imp)
     for r in results:
         assert r.lower_bound_s <= min(r.makespan_s.values())
+
+
+@pytest.mark.ray
+def test_cases_as_ray_tasks_equal_sequential(tmp_path):
+    from hybrid_ray.bench.cases import run_cases
+    seq = run_cases(2, seed=7, out=None, progress=None, parallel=False)
+    par = run_cases(2, seed=7, out=None, progress=None, parallel=True)
+    assert par["cases"] == seq["cases"]

@@ -70,14 +70,31 @@ def histogram(values: list[float], bins: int = 10, width: int = 40) -> str:
                      for k, c in enumerate(counts))
 
 
-def run_cases(n: int = 100, seed: int = 0, out: str | None = "results/cases.json", progress=print) -> dict:
-    pool = load_gsm8k()
+def _case_task(i: int, seed: int) -> CaseResult:
+    """One case in a Ray worker (loads the bundled pool itself: nothing big is shipped)."""
+    return run_case(i, seed, load_gsm8k())
+
+
+def run_cases(n: int = 100, seed: int = 0, out: str | None = "results/cases.json", progress=print,
+              parallel: bool = True, address: str | None = None) -> dict:
+    """Run the study; ``parallel`` runs the cases as Ray tasks (local Ray, or ``address``)."""
     t0 = time.perf_counter()
-    results = []
-    for i in range(n):
-        results.append(run_case(i, seed * 100_003 + i, pool))
-        if progress and (i + 1) % max(1, n // 10) == 0:
-            progress(f"  {i + 1}/{n} cases ({time.perf_counter() - t0:.0f} s)")
+    step = max(1, n // 10)
+
+    def tick(done: int, total: int) -> None:
+        if progress and (done % step == 0 or done == total):
+            progress(f"  {done}/{total} cases ({time.perf_counter() - t0:.0f} s)")
+
+    seeds = [(i, seed * 100_003 + i) for i in range(n)]
+    if parallel:
+        from ..actors.tasks import map_tasks
+        results = map_tasks(_case_task, seeds, address=address, progress=tick)
+    else:
+        pool = load_gsm8k()
+        results = []
+        for i, s in seeds:
+            results.append(run_case(i, s, pool))
+            tick(i + 1, n)
     return report(results, seed, out, time.perf_counter() - t0, progress)
 
 
@@ -107,8 +124,7 @@ def report(results: list[CaseResult], seed: int, out: str | None, wall: float, p
         progress("\n".join(lines))
     data = {"seed": seed, "n": len(results), "summary": summary, "cases": [asdict(r) for r in results]}
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(data, indent=1) + "\n")
+        write_json(out, data, indent=1)
         if progress:
             progress(f"wrote {out}")
     return data
