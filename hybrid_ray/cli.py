@@ -37,6 +37,12 @@ def _add_policy_options(p: argparse.ArgumentParser) -> None:
                    help="CP-SAT time limit in seconds for planned policies (default: 5)")
 
 
+def _plot(directory: str, runs: list, lower_bound_s: float | None) -> None:
+    from .plots import write_plots
+    for path in write_plots(runs, directory, lower_bound_s):
+        print(f"wrote {path}")
+
+
 def _write_json(path: str | None, data: dict) -> None:
     if path:
         from .jsonout import write_json
@@ -61,13 +67,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print(format_summary(summary))
     print(f"  {'simulated in'.ljust(32)}  {wall:.2f} s wall")
     if args.plot:
-        from .plots import write_plots
         runs = [(args.policy, record, summary)]
         if args.policy != "baseline":      # the reference a reader compares against
             base = simulate(cluster, build_scheduler("baseline", cluster, requests), requests)
             runs.insert(0, ("baseline", base, summarize(base, summary.lower_bound_s)))
-        for path in write_plots(runs, args.plot, summary.lower_bound_s):
-            print(f"wrote {path}")
+        _plot(args.plot, runs, summary.lower_bound_s)
     data = summary.to_dict()
     data.update(config=cluster.source, workload=args.workload, wall_s=wall, lengths=args.lengths)
     _write_json(args.json, data)
@@ -137,6 +141,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     data = res.to_dict()
     data.update(config=res.record.config, workload=args.workload, lengths=args.lengths)
     _write_json(args.json, data)
+    if args.plot:
+        _plot(args.plot, [(args.policy, res.record, res.summary)], res.summary.lower_bound_s)
     return 0
 
 
@@ -239,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--connect-timeout", type=float, default=15.0, help="seconds to reach the Ray cluster given by "
                    "--address before giving up (default: 15)")
     r.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    r.add_argument("--plot", metavar="DIR", default=None,
+                   help="write gantt.png, occupancy.png and finish_times.png of this run to DIR ([plot] extra)")
     r.set_defaults(func=cmd_run)
 
     b = sub.add_parser("bench", help="benchmarks that print tables (paper: the paper's table beside ours; "
