@@ -56,8 +56,29 @@ def simulator_rows() -> list[dict]:
     return rows
 
 
-def run_perf(out: str | None = "results/perf.json", progress=print, sizes=(1_000, 10_000, 100_000)) -> dict:
-    data = {"planner": planner_rows(sizes), "decision": {}, "simulator": simulator_rows()}
+def runtime_rows(policies=("baseline", "hybrid")) -> list[dict]:
+    """Ray runtime overhead on the embedded default: run vs simulate (same config and time_scale)."""
+    from ..runtime import RunOptions, run
+
+    rows = []
+    cl, reqs = load_inputs("local", "gsm8k")
+    for pol in policies:
+        t0 = time.perf_counter()
+        sim = simulate(cl, build_scheduler(pol, cl, reqs), reqs)
+        sim_wall = time.perf_counter() - t0
+        res = run(RunOptions(config="local", workload="gsm8k", policy=pol, progress=False))
+        rows.append({"policy": pol, "time_scale": cl.time_scale, "simulate_makespan_s": sim.makespan_s,
+                     "run_makespan_s": res.summary.makespan_s, "simulate_wall_s": sim_wall,
+                     "run_wall_s": res.run_wall_s, "total_wall_s": res.wall_s,
+                     "messages_per_request": res.messages_per_request,
+                     "controller_decision_p99_s": res.controller_decision_p99_s})
+    return rows
+
+
+def run_perf(out: str | None = "results/perf.json", progress=print, sizes=(1_000, 10_000, 100_000),
+             with_runtime: bool = True) -> dict:
+    data = {"planner": planner_rows(sizes), "decision": {}, "simulator": simulator_rows(),
+            "runtime": runtime_rows() if with_runtime else []}
     for key, shuffle in (("worst", True), ("steady", False)):
         data["decision"][key] = decision.measure(reshuffle=shuffle)
     if progress:
@@ -87,4 +108,12 @@ def format_perf(d: dict) -> str:
     for r in d["simulator"]:
         lines.append(f"| {r['config']} | {r['workload']} | {r['policy']} | {r['requests']:,} | {r['iterations']:,} | "
                      f"{r['wall_s']:.2f} | {r['requests_per_s']:,.0f} | {r['iterations_per_s']:,.0f} |")
+    if d.get("runtime"):
+        lines += ["", "Ray runtime vs simulator (local.yaml x GSM8K, emulated engine)",
+                  "| policy | time_scale | makespan run / simulate (s) | wall run / simulate (s) | "
+                  "Ray messages per request | controller decision p99 (ms) |", "|---|---|---|---|---|---|"]
+        for r in d["runtime"]:
+            lines.append(f"| {r['policy']} | {r['time_scale']:g} | {r['run_makespan_s']:.3f} / "
+                         f"{r['simulate_makespan_s']:.3f} | {r['run_wall_s']:.2f} / {r['simulate_wall_s']:.2f} | "
+                         f"{r['messages_per_request']:.2f} | {1e3 * r['controller_decision_p99_s']:.3f} |")
     return "\n".join(lines)
