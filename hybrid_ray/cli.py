@@ -23,6 +23,10 @@ def _add_inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=DEFAULT_CONFIG,
                    help=f"cluster YAML path, or a bundled name (default: {DEFAULT_CONFIG})")
     p.add_argument("--workload", default=DEFAULT_WORKLOAD, help=f"{WORKLOAD_HELP} (default: {DEFAULT_WORKLOAD})")
+    from .openai_batch import BatchPath
+    p.add_argument("-i", "--input", dest="workload", type=BatchPath, default=argparse.SUPPRESS, metavar="JSONL",
+                   help="an OpenAI batch input file (/v1/completions, /v1/chat/completions lines) as the workload; "
+                        "malformed lines get error lines, the rest runs (docs/openai_batch.md)")
     p.add_argument("--limit", type=int, default=None, help="use only N requests (first N, or a seeded sample with --seed)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling with --limit (runs are deterministic)")
     p.add_argument("--json", metavar="OUT", default=None, help="also write the metrics as JSON to OUT")
@@ -66,6 +70,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - t0
     print(format_summary(summary))
     print(f"  {'simulated in'.ljust(32)}  {wall:.2f} s wall")
+    if args.output:                         # per-request lines; OpenAI batch output for a batch input
+        from .openai_batch import write_simulated_output
+        print(f"wrote {write_simulated_output(args.workload, args.output, cluster, record, args.limit, args.seed)}")
     if args.plot:
         runs = [(args.policy, record, summary)]
         if args.policy != "baseline":      # the reference a reader compares against
@@ -199,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--policy", default="baseline", choices=list(DESCRIPTIONS),
                    help="; ".join(f"{k}: {v}" for k, v in DESCRIPTIONS.items()) + " (default: baseline)")
     _add_policy_options(s)
+    s.add_argument("-o", "--output", metavar="JSONL", default=None, help="write one line per request after the "
+                   "simulation, in completion order (OpenAI batch output lines for an OpenAI batch input)")
     s.add_argument("--plot", metavar="DIR", default=None,
                    help="write gantt.png, occupancy.png and finish_times.png to DIR (this run beside the "
                         "baseline; needs the [plot] extra)")
@@ -227,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "simulate (default: baseline)")
     r.add_argument("--address", default=None, help="Ray to use: omitted = start a local Ray; auto = the cluster "
                    "this node belongs to; HOST:6379 (GCS) or ray://HOST:10001 (Ray Client)")
-    r.add_argument("--output", metavar="JSONL", default=None, help="append one JSON record per finished request "
+    r.add_argument("-o", "--output", metavar="JSONL", default=None, help="append one JSON record per finished request "
                    "(flushed as they finish)")
     r.add_argument("--resume", metavar="JSONL", default=None, help="skip the requests already in this results "
                    "file and append to it (a truncated last line is tolerated)")

@@ -116,6 +116,7 @@ class LoadReport:
     queued_work_s: float
     running_work_s: float
     predicted_finish_s: float
+    group: str = ""              # replicas of one group share a cost model: work moves 1:1 among them
 
     @property
     def outstanding(self) -> int:
@@ -214,7 +215,7 @@ class ReplicaState:
             r_tokens += self.remaining_predicted(s)
         r_work = r_tokens * per_token
         return LoadReport(self.index, self.name, now, queued, len(self.running) + len(self.prefilling), movable,
-                          q_work, r_work, now + q_work + r_work)
+                          q_work, r_work, now + q_work + r_work, self.spec.group.name)
 
     # -- queue changes (router, controller) ---------------------------------------------------
     def add(self, seqs: list[Sequence]) -> None:

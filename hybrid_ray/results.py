@@ -4,6 +4,10 @@ The driver appends one line per finished request and flushes after every batch, 
 loses nothing already finished; ``--resume FILE`` reads the file back and skips those requests. A
 crash can leave a half-written last line: the reader ignores it (the request simply runs again)
 and the writer cuts it off before appending, so the file stays one valid object per line.
+
+The reader also understands OpenAI batch output lines (``openai_batch.py``: an object with a
+``custom_id``): a success line is a record keyed by its custom_id, an error line an ``ErrorLine``.
+The writer takes a ``formatter`` that turns a record into its line (default: ``to_json``).
 """
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import IO, Iterable
+from typing import IO, Callable, Iterable
 
 from .errors import HybridRayError
 
@@ -62,6 +66,22 @@ class CompletionRecord:
         return rec
 
 
+@dataclass(frozen=True, slots=True)
+class ErrorLine:
+    """An OpenAI batch error line (``response`` null, ``error`` set) read back from a results file.
+
+    ``settles`` is the request id (custom_id) the line accounts for, so a resumed run skips it;
+    None when it accounts for an input *line* only (unparseable line, duplicate custom_id).
+    """
+
+    id: str
+    custom_id: str
+    code: str
+    message: str
+    line: int | None = None
+    settles: str | None = None
+
+
 @dataclass(slots=True)
 class ResultsFile:
     """What a results file holds: the first record of every id, plus what was odd about it."""
@@ -70,10 +90,21 @@ class ResultsFile:
     records: list[CompletionRecord] = field(default_factory=list)
     duplicates: list[str] = field(default_factory=list)   # ids seen more than once (first one kept)
     truncated_tail: bool = False                          # a half-written last line was ignored
+    errors: list[ErrorLine] = field(default_factory=list)  # OpenAI batch error lines, in file order
 
     @property
     def ids(self) -> set[str]:
-        return {r.id for r in self.records}
+        """Request ids a resumed run skips: every record's, and those settled by an error line."""
+        return {r.id for r in self.records} | {e.settles for e in self.errors if e.settles is not None}
+
+
+def _parse_object(obj: object, where: str) -> "CompletionRecord | ErrorLine":
+    """One line's object: an OpenAI batch output line (it has a custom_id) or a completion record."""
+    if isinstance(obj, dict) and "custom_id" in obj:
+        from .openai_batch import parse_output_line   # imports this module: import here
+
+        return parse_output_line(obj, where)
+    return CompletionRecord.from_dict(obj, where)
 
 
 def read_results(path: str | Path, missing_ok: bool = False) -> ResultsFile:
@@ -97,7 +128,7 @@ def read_results(path: str | Path, missing_ok: bool = False) -> ResultsFile:
         last_partial = n == len(lines) and not complete_last
         try:
             obj = json.loads(raw.decode("utf-8"))
-            rec = CompletionRecord.from_dict(obj, f"{p} line {n}")
+            rec = _parse_object(obj, f"{p} line {n}")
         except (UnicodeDecodeError, json.JSONDecodeError, ResultsError) as e:
             if last_partial:
                 out.truncated_tail = True      # the writer died mid-line: that request runs again
@@ -106,6 +137,9 @@ def read_results(path: str | Path, missing_ok: bool = False) -> ResultsFile:
                 raise
             raise ResultsError(f"{p} line {n}: not a JSON record ({e}); expected one object per line "
                                f"with {', '.join(FIELDS)}") from None
+        if isinstance(rec, ErrorLine):
+            out.errors.append(rec)
+            continue
         if rec.id in seen:
             out.duplicates.append(rec.id)
             continue
@@ -142,7 +176,7 @@ def _cut_partial_tail(p: Path) -> None:
         keep = data.rfind(b"\n") + 1            # 0 when the only line is partial
         tail = data[keep:]
         try:
-            CompletionRecord.from_dict(json.loads(tail.decode("utf-8")), str(p))
+            _parse_object(json.loads(tail.decode("utf-8")), str(p))
         except (UnicodeDecodeError, json.JSONDecodeError, ResultsError):
             fh.truncate(keep)                   # half a record: gone; the request runs again
             return
@@ -151,9 +185,14 @@ def _cut_partial_tail(p: Path) -> None:
 
 
 class ResultsWriter:
-    """Appends records to a JSONL file, flushing after every ``write`` call."""
+    """Appends records to a JSONL file, flushing after every ``write`` call.
 
-    def __init__(self, path: str | Path, append: bool = False):
+    ``formatter`` turns a record into its line (no newline); default ``CompletionRecord.to_json``.
+    """
+
+    def __init__(self, path: str | Path, append: bool = False,
+                 formatter: Callable[[CompletionRecord], str] | None = None):
+        self.formatter = formatter or CompletionRecord.to_json
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if append:
@@ -163,11 +202,16 @@ class ResultsWriter:
 
     def write(self, records: Iterable[CompletionRecord]) -> None:
         assert self._fh is not None, "writer is closed"
-        lines = [r.to_json() + "\n" for r in records]
-        if lines:
-            self._fh.write("".join(lines))
+        self.write_lines(self.formatter(r) for r in records)
+
+    def write_lines(self, lines: Iterable[str]) -> None:
+        """Append lines already formatted (one JSON object each, no newline), then flush."""
+        assert self._fh is not None, "writer is closed"
+        text = [line + "\n" for line in lines]
+        if text:
+            self._fh.write("".join(text))
             self._fh.flush()
-            self.written += len(lines)
+            self.written += len(text)
 
     def close(self) -> None:
         if self._fh is not None:

@@ -79,6 +79,7 @@ class RunOptions:
     connect_timeout_s: float = 15.0
     startup_timeout_s: float = 60.0       # actors placed and constructed within this
     progress: bool = True
+    record_format: Callable[[CompletionRecord], str] | None = None  # output line of a record (OpenAI batch files)
 
 
 @dataclass(slots=True)
@@ -439,7 +440,7 @@ class Driver:
                             [n["Resources"] for n in ray.nodes() if n.get("Alive")])
             self.scheduler = self._make_scheduler()
             if self.opts.output:
-                self.writer = ResultsWriter(self.opts.output, append=True)
+                self.writer = ResultsWriter(self.opts.output, append=True, formatter=self.opts.record_format)
             self._create_actors(per_replica)
             run_wall = self._loop(progress)
             states, cstats = self._collect()
@@ -739,6 +740,8 @@ def run(opts: RunOptions, hook: Callable[[Driver], None] | None = None, *, clust
     named policy (the router, controller and policy objects must be picklable by cloudpickle).
     """
     t0 = time.perf_counter()
+    from .openai_batch import prepare_batch_run   # an OpenAI batch workload: -o is the resume file
+    opts, cluster, requests = prepare_batch_run(opts, cluster, requests)
     cluster, todo, skipped, output = prepare(opts, cluster, requests)
     opts = replace(opts, output=output)
     if not todo:

@@ -56,3 +56,13 @@ def test_cases_as_ray_tasks_equal_sequential(tmp_path):
     seq = run_cases(2, seed=7, out=None, progress=None, parallel=False)
     par = run_cases(2, seed=7, out=None, progress=None, parallel=True)
     assert par["cases"] == seq["cases"]
+
+
+def test_perf_writes_its_json(tmp_path, monkeypatch):
+    from hybrid_ray.bench import perf
+    monkeypatch.setattr(perf, "simulator_rows", lambda: [])
+    data = perf.run_perf(str(tmp_path / "perf.json"), progress=None, sizes=(500,), with_runtime=False)
+    saved = json.loads((tmp_path / "perf.json").read_text())
+    assert saved["planner"][0]["requests"] == 500 and len(saved["planner"]) == 2
+    assert {r["method"] for r in data["planner"]} == {"lpt", "cpsat"}
+    assert saved["decision"]["steady"]["p50_us"] > 0

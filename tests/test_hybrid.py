@@ -152,3 +152,12 @@ def test_hybrid_with_cpsat_plan_is_deterministic():
     runs = [simulate(cl, build_scheduler("hybrid", cl, reqs, time_limit_s=5), reqs) for _ in range(2)]
     assert [s.finish_s for s in runs[0].sequences] == [s.finish_s for s in runs[1].sequences]
     assert runs[0].sequences[0].replica == runs[1].sequences[0].replica
+
+
+def test_controller_never_moves_work_across_groups():
+    c = RebalanceController(threshold_s=0.5, rel_threshold=0.0)
+    a = dataclasses.replace(_load(0, 10.0, 10, 10, 5.0), group="fast")
+    b = dataclasses.replace(_load(1, 30.0, 10, 10, 10.0), group="fast")
+    slow = dataclasses.replace(_load(2, 1.0, 0, 0, 0.0), group="slow")   # idle, but a different model
+    moves = c.rebalance([a, b, slow], 0.0)
+    assert moves and all(m.dst != 2 and m.src != 2 for m in moves)

@@ -84,8 +84,7 @@ def run_perf(out: str | None = "results/perf.json", progress=print, sizes=(1_000
     if progress:
         progress(format_perf(data))
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(data, indent=2) + "\n")
+        write_json(out, data)
         if progress:
             progress(f"wrote {out}")
     return data

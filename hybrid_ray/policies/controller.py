@@ -13,11 +13,13 @@ from .base import Move
 class RebalanceController:
     """Greedy pairwise rebalancing with a dead band.
 
-    Every ``interval_s`` it compares the latest and earliest predicted finish times; if they
-    differ by more than ``max(threshold_s, rel_threshold * remaining)``, it moves enough
-    queued requests (taken from the back of the queue: the smallest, by the sort order) to
-    close half the gap. Half, because both ends move: the source loses the work the
-    destination gains.
+    Every ``interval_s``, within each replica group, it compares the latest and earliest
+    predicted finish times; if they differ by more than ``max(threshold_s, rel_threshold *
+    remaining)``, it moves enough queued requests (taken from the back of the queue: the
+    smallest, by the sort order) to close half the gap. Half, because both ends move: the source
+    loses the work the destination gains. Only within a group: there a request costs the same
+    on both ends; across groups (different models or hardware) it does not, and the offline
+    plan has already balanced the groups against each other with their own costs.
     """
 
     def __init__(self, interval_s: float = 1.0, threshold_s: float = 0.5, rel_threshold: float = 0.01,
@@ -30,6 +32,15 @@ class RebalanceController:
 
     def rebalance(self, loads: list[LoadReport], now: float) -> list[Move]:
         self.calls += 1
+        groups: dict[str, list[LoadReport]] = {}
+        for r in loads:
+            groups.setdefault(r.group, []).append(r)
+        moves: list[Move] = []
+        for members in groups.values():
+            moves.extend(self._rebalance_group(members, now))
+        return moves
+
+    def _rebalance_group(self, loads: list[LoadReport], now: float) -> list[Move]:
         if len(loads) < 2:
             return []
         pending = {r.index: r.predicted_finish_s for r in loads}

@@ -1,0 +1,584 @@
+"""OpenAI batch files: ``/v1/completions`` and ``/v1/chat/completions`` lines in, batch output lines out.
+
+Input, one JSON object per line (the OpenAI Batch API's input file, also read by ``vllm run_batch``)::
+
+    {"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions",
+     "body": {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 64}}
+
+Each valid line becomes one ``Request`` whose id is its ``custom_id``, arriving at t = 0 (a batch).
+A malformed line is not fatal: it becomes a ``BatchLineError`` (custom_id, or ``line-<n>`` when the
+line has none, an OpenAI-style code and a message) and the rest of the batch runs.
+
+Prompt tokens, first source that applies: the body's ``prompt_token_ids`` (or a ``/v1/completions``
+``prompt`` given as token ids): their count; an explicit ``prompt_tokens`` field in the body (a
+hybrid-ray extension); the engine's tokenizer (``tokenizer(text) -> int``; the emulated engine has
+none); else an estimate of ``ceil(characters / 4)`` (about 4 characters per token for English text
+with BPE tokenizers of the GPT / LLaMA families), and for chat ``4 + ceil(characters / 4)`` per
+message (the 4 covers the role and the chat template's separators).
+
+Output tokens: the engine generates up to ``max_tokens`` (chat: ``max_completion_tokens``, else
+``max_tokens``); absent, 16 for ``/v1/completions`` (OpenAI's default) and 256 for chat (ours:
+OpenAI's is "up to the context length"). The emulated engine and the simulator generate exactly
+that many (EOS ignored), unless the body has an explicit ``output_tokens`` (a hybrid-ray extension
+for simulation studies: the true length, capped at the max).
+
+Output: one line per input line, in the OpenAI batch output format (``id``, ``custom_id``,
+``response`` with ``status_code``, ``request_id``, ``body``; or ``error`` with ``code``, ``message``
+and the input ``line``); success lines also carry our timing in a top-level ``"hybrid_ray"``
+object. See docs/openai_batch.md.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import WorkloadError
+from .results import CompletionRecord, ErrorLine, ResultsError, ResultsFile, ResultsWriter, read_results
+from .workload import BUILTIN_WORKLOADS, Request, _check_limit, _select
+
+if TYPE_CHECKING:
+    from .config import ClusterSpec
+
+log = logging.getLogger(__name__)
+
+COMPLETIONS_URL = "/v1/completions"
+CHAT_URL = "/v1/chat/completions"
+URLS: tuple[str, ...] = (COMPLETIONS_URL, CHAT_URL)
+CHARS_PER_TOKEN = 4                  # estimate: ~4 characters per token (English, BPE tokenizers)
+CHAT_MESSAGE_OVERHEAD_TOKENS = 4     # estimate: role + chat-template tokens per message
+DEFAULT_MAX_TOKENS = {COMPLETIONS_URL: 16, CHAT_URL: 256}
+DEFAULT_MODEL = "hybrid-ray-emulated"
+EXTENSION_KEY = "hybrid_ray"         # our timing fields on success lines
+_SNIFF_LINES = 20                    # auto-detection looks this far for a parseable object
+
+# error codes (the OpenAI Batch API's where one fits)
+INVALID_JSON = "invalid_json_line"
+MISSING_PARAMETER = "missing_required_parameter"
+INVALID_METHOD = "invalid_method"
+INVALID_URL = "invalid_url"
+DUPLICATE_CUSTOM_ID = "duplicate_custom_id"
+INVALID_REQUEST = "invalid_request"
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+
+Tokenizer = Callable[[str], int]
+
+
+class BatchPath(str):
+    """A workload path given with ``-i``: read as an OpenAI batch file, whatever its lines hold."""
+
+    __slots__ = ()
+
+
+# ---------------------------------------------------------------------------------------------
+# Input
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class BatchLine:
+    """One valid input line."""
+
+    custom_id: str
+    line: int                        # 1-based line number in the file
+    url: str
+    model: str
+    max_tokens: int                  # the bound on generated tokens (given or default)
+    request: Request                 # id = custom_id
+    prompt_source: str               # prompt_token_ids | prompt_tokens | tokenizer | estimate
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLineError:
+    """One input line that will not run: it gets an error output line instead."""
+
+    custom_id: str                   # the line's custom_id, or "line-<n>" when it has none
+    line: int
+    code: str
+    message: str
+
+    @property
+    def keyed_by_line(self) -> bool:
+        """True when the error accounts for an input line, not for a custom_id (see ``settles``)."""
+        return self.code == DUPLICATE_CUSTOM_ID or self.custom_id == f"line-{self.line}"
+
+    @property
+    def output_id(self) -> str:
+        return f"batch_req_{_hash(self.custom_id, str(self.line))}"
+
+    def to_output(self) -> dict:
+        return format_error(self.custom_id, self.code, self.message, line=self.line)
+
+
+@dataclass(slots=True)
+class BatchInput:
+    """A parsed batch file: the requests to run, the lines that will not, and per-line metadata."""
+
+    path: str
+    requests: list[Request]
+    errors: list[BatchLineError]
+    ids: dict[str, str]              # custom_id -> request id (the same string)
+    lines: dict[str, BatchLine] = field(default_factory=dict)   # by custom_id
+    n_lines: int = 0                 # non-blank input lines considered (after --limit)
+
+    def formatter(self) -> Callable[[CompletionRecord], str]:
+        """Record -> its OpenAI batch output line (for ``ResultsWriter(formatter=...)``)."""
+        lines = self.lines
+
+        def fmt(rec: CompletionRecord) -> str:
+            meta = lines.get(rec.id)
+            if meta is None:
+                return _dumps(format_success(rec))
+            return _dumps(format_success(rec, meta.custom_id, url=meta.url, model=meta.model,
+                                         max_tokens=meta.max_tokens))
+        return fmt
+
+    def pending_errors(self, existing: ResultsFile) -> list[BatchLineError]:
+        """Error entries not yet in ``existing`` (an output file being resumed), in line order."""
+        written = {e.id for e in existing.errors}
+        settled = existing.ids
+        return [e for e in self.errors
+                if e.output_id not in written and (e.keyed_by_line or e.custom_id not in settled)]
+
+
+def _dumps(obj: dict) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def _hash(*parts: str) -> str:
+    return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()[:24]
+
+
+class _LineError(ValueError):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _positive_int(raw: Any, name: str) -> int:
+    """A JSON integer >= 1 (bools and floats are rejected, as the OpenAI API does)."""
+    if isinstance(raw, bool) or not isinstance(raw, int):
+        raise _LineError(INVALID_REQUEST, f"{name} must be an integer >= 1, got {raw!r}")
+    if raw < 1:
+        raise _LineError(INVALID_REQUEST, f"{name} must be an integer >= 1, got {raw}")
+    return raw
+
+
+def _is_token_ids(x: Any) -> bool:
+    return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+
+def _completion_prompt(body: dict) -> str | list[int]:
+    """The one prompt of a /v1/completions body: a string or a list of token ids."""
+    if "prompt" not in body or body["prompt"] is None:
+        raise _LineError(MISSING_PARAMETER, "body.prompt is required for /v1/completions")
+    prompt = body["prompt"]
+    if isinstance(prompt, list) and prompt and not _is_token_ids(prompt):
+        if len(prompt) != 1:
+            raise _LineError(INVALID_REQUEST, f"body.prompt holds {len(prompt)} prompts; hybrid-ray schedules one "
+                                              "sequence per line: put each prompt on its own line")
+        prompt = prompt[0]
+    if isinstance(prompt, str) or _is_token_ids(prompt):
+        if len(prompt) == 0:
+            raise _LineError(INVALID_REQUEST, "body.prompt is empty")
+        return prompt
+    raise _LineError(INVALID_REQUEST, "body.prompt must be a string, a list of token ids, or a list holding one "
+                                      f"of those; got {type(prompt).__name__}")
+
+
+def _message_texts(body: dict) -> list[str]:
+    """The text of each chat message (text content parts joined; other parts are not counted)."""
+    if "messages" not in body or body["messages"] is None:
+        raise _LineError(MISSING_PARAMETER, "body.messages is required for /v1/chat/completions")
+    messages = body["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise _LineError(INVALID_REQUEST, "body.messages must be a non-empty list of messages")
+    texts = []
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise _LineError(INVALID_REQUEST, f"body.messages[{k}] must be an object with a string 'role'")
+        content = m.get("content")
+        if content is None or isinstance(content, str):
+            texts.append(content or "")
+        elif isinstance(content, list):
+            parts = []
+            for part in content:
+                if not isinstance(part, dict):
+                    raise _LineError(INVALID_REQUEST, f"body.messages[{k}].content parts must be objects")
+                if part.get("type") == "text":
+                    if not isinstance(part.get("text"), str):
+                        raise _LineError(INVALID_REQUEST, f"body.messages[{k}]: a text part needs a string 'text'")
+                    parts.append(part["text"])
+            texts.append("".join(parts))
+        else:
+            raise _LineError(INVALID_REQUEST, f"body.messages[{k}].content must be a string, a list of parts "
+                                              f"or null, got {type(content).__name__}")
+    return texts
+
+
+def estimate_tokens(text: str) -> int:
+    """The character-based estimate: ceil(len / 4) (about 4 characters per English BPE token)."""
+    return math.ceil(len(text) / CHARS_PER_TOKEN)
+
+
+def _prompt_tokens(url: str, body: dict, tokenizer: Tokenizer | None) -> tuple[int, str]:
+    """(prompt tokens, source); sources in priority order, see the module docstring."""
+    ids = body.get("prompt_token_ids")
+    if ids is not None:
+        if not _is_token_ids(ids) or not ids:
+            raise _LineError(INVALID_REQUEST, "body.prompt_token_ids must be a non-empty list of integers")
+    if url == COMPLETIONS_URL:
+        prompt = _completion_prompt(body)      # validated even when another source gives the count
+        if ids is None and not isinstance(prompt, str):
+            ids = prompt
+        texts = [prompt] if isinstance(prompt, str) else []
+    else:
+        texts = _message_texts(body)
+    if ids is not None:
+        return len(ids), "prompt_token_ids"
+    if body.get("prompt_tokens") is not None:
+        return _positive_int(body["prompt_tokens"], "body.prompt_tokens"), "prompt_tokens"
+    count = tokenizer if tokenizer is not None else estimate_tokens
+    if url == COMPLETIONS_URL:
+        n = count(texts[0])
+    else:
+        n = sum(CHAT_MESSAGE_OVERHEAD_TOKENS + count(t) for t in texts)
+    return max(1, int(n)), ("tokenizer" if tokenizer is not None else "estimate")
+
+
+def _output_tokens(url: str, body: dict, chat_max_tokens: int) -> tuple[int, int]:
+    """(tokens the engine generates, the max_tokens bound)."""
+    key = "max_completion_tokens" if url == CHAT_URL and body.get("max_completion_tokens") is not None \
+        else "max_tokens"
+    raw = body.get(key)
+    bound = (DEFAULT_MAX_TOKENS[COMPLETIONS_URL] if url == COMPLETIONS_URL else chat_max_tokens) if raw is None \
+        else _positive_int(raw, f"body.{key}")
+    explicit = body.get("output_tokens")
+    if explicit is None:
+        return bound, bound
+    return min(_positive_int(explicit, "body.output_tokens"), bound), bound
+
+
+def parse_line(text: str, line_no: int, tokenizer: Tokenizer | None = None,
+               chat_max_tokens: int = DEFAULT_MAX_TOKENS[CHAT_URL]) -> BatchLine | BatchLineError:
+    """One input line -> a BatchLine, or the BatchLineError saying why it cannot run."""
+    placeholder = f"line-{line_no}"
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return BatchLineError(placeholder, line_no, INVALID_JSON, f"line {line_no}: invalid JSON ({exc.msg})")
+    if not isinstance(obj, dict):
+        return BatchLineError(placeholder, line_no, INVALID_JSON,
+                              f"line {line_no}: expected a JSON object, got {type(obj).__name__}")
+    cid = obj.get("custom_id")
+    if not isinstance(cid, str) or not cid.strip():
+        what = "missing" if cid is None else f"must be a non-empty string, got {cid!r}"
+        return BatchLineError(placeholder, line_no, MISSING_PARAMETER, f"line {line_no}: custom_id {what}")
+    try:
+        for key in ("method", "url", "body"):
+            if obj.get(key) is None:
+                raise _LineError(MISSING_PARAMETER, f"{key} is required")
+        if obj["method"] != "POST":
+            raise _LineError(INVALID_METHOD, f"method must be POST, got {obj['method']!r}")
+        url = obj["url"]
+        if url not in URLS:
+            raise _LineError(INVALID_URL, f"url {url!r} is not supported; expected {' or '.join(URLS)}")
+        body = obj["body"]
+        if not isinstance(body, dict):
+            raise _LineError(INVALID_REQUEST, f"body must be a JSON object, got {type(body).__name__}")
+        n = body.get("n")
+        if n is not None and n != 1:
+            raise _LineError(INVALID_REQUEST, f"body.n = {n!r}: one completion per line is supported; repeat the "
+                                              "line with other custom_ids instead")
+        if body.get("stream"):
+            raise _LineError(INVALID_REQUEST, "body.stream must not be true in a batch")
+        model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise _LineError(INVALID_REQUEST, f"body.model must be a string, got {model!r}")
+        prompt, source = _prompt_tokens(url, body, tokenizer)
+        output, bound = _output_tokens(url, body, chat_max_tokens)
+    except _LineError as exc:
+        return BatchLineError(cid, line_no, exc.code, f"line {line_no}: {exc}")
+    return BatchLine(cid, line_no, url, model or DEFAULT_MODEL, bound, Request(cid, prompt, output, 0.0), source)
+
+
+def read_batch(path: str | Path, *, tokenizer: Tokenizer | None = None, limit: int | None = None,
+               seed: int | None = None, chat_max_tokens: int = DEFAULT_MAX_TOKENS[CHAT_URL]) -> BatchInput:
+    """Parse an OpenAI batch input file; malformed lines become error entries, never exceptions.
+
+    ``limit`` keeps the first N non-blank lines (with ``seed``: a seeded sample of N, in file
+    order), as ``--limit``/``--seed`` do for other workloads. A custom_id claimed by an earlier
+    line (valid or not) makes the later line a ``duplicate_custom_id`` error. Only an unreadable
+    or empty file raises (WorkloadError).
+    """
+    p = Path(path)
+    _check_limit(limit)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise WorkloadError(f"{p}: no such OpenAI batch file") from None
+    except OSError as exc:
+        raise WorkloadError(f"{p}: cannot read ({exc.strerror or exc})") from None
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    entries: list[BatchLine | BatchLineError] = []
+    for n, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            entries.append(BatchLineError(f"line-{n}", n, INVALID_JSON, f"line {n}: not UTF-8 text ({exc.reason})"))
+            continue
+        entries.append(parse_line(text, n, tokenizer, chat_max_tokens))
+    if not entries:
+        raise WorkloadError(f"{p}: empty OpenAI batch file (expected one request object per line)")
+    entries = _select(entries, limit, seed)
+    claimed: dict[str, int] = {}
+    lines: dict[str, BatchLine] = {}
+    errors: list[BatchLineError] = []
+    for e in entries:
+        if isinstance(e, BatchLineError) and e.keyed_by_line:
+            errors.append(e)
+            continue
+        if e.custom_id in claimed:
+            errors.append(BatchLineError(e.custom_id, e.line, DUPLICATE_CUSTOM_ID,
+                                         f"line {e.line}: custom_id {e.custom_id!r} already used on line "
+                                         f"{claimed[e.custom_id]}"))
+            continue
+        claimed[e.custom_id] = e.line
+        if isinstance(e, BatchLineError):
+            errors.append(e)
+        else:
+            lines[e.custom_id] = e
+    requests = [b.request for b in lines.values()]
+    return BatchInput(str(p), requests, errors, {cid: b.request.id for cid, b in lines.items()}, lines,
+                      len(entries))
+
+
+def check_batch_feasible(batch: BatchInput, cluster: ClusterSpec) -> BatchInput:
+    """Move requests no replica can hold (prompt + max output > every KV cache) to the errors."""
+    max_kv = max(g.kv_capacity_tokens for g in cluster.groups)
+    bad = [b for b in batch.lines.values() if b.request.prompt_tokens + b.request.output_tokens > max_kv]
+    if not bad:
+        return batch
+    drop = {b.custom_id for b in bad}
+    errors = batch.errors + [
+        BatchLineError(b.custom_id, b.line, CONTEXT_LENGTH_EXCEEDED,
+                       f"line {b.line}: prompt ({b.request.prompt_tokens} tokens) + output "
+                       f"({b.request.output_tokens}) = {b.request.prompt_tokens + b.request.output_tokens} tokens; "
+                       f"the largest replica KV cache of {cluster.name} holds {max_kv}")
+        for b in bad]
+    lines = {cid: b for cid, b in batch.lines.items() if cid not in drop}
+    return replace(batch, requests=[b.request for b in lines.values()], lines=lines,
+                   errors=sorted(errors, key=lambda e: e.line),
+                   ids={cid: b.request.id for cid, b in lines.items()})
+
+
+def is_batch_workload(spec: object) -> bool:
+    """True for a ``BatchPath``, or a .jsonl/.json file whose first parseable object has ``custom_id``
+    or ``body`` (plain workload files have ``prompt_tokens``/``output_tokens``)."""
+    if isinstance(spec, BatchPath):
+        return True
+    if not isinstance(spec, (str, Path)) or str(spec) in BUILTIN_WORKLOADS:
+        return False
+    p = Path(spec)
+    if p.suffix.lower() not in (".jsonl", ".json") or not p.is_file():
+        return False
+    try:
+        with p.open("r", encoding="utf-8-sig", errors="replace") as fh:
+            for k, line in enumerate(fh):
+                if k >= _SNIFF_LINES:
+                    break
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(obj, dict):
+                    return "custom_id" in obj or "body" in obj
+    except OSError:
+        return False
+    return False
+
+
+def describe_errors(batch: BatchInput, shown: int = 3) -> str:
+    """'k of n lines will not run: line 3 (q7): invalid_request: ...; ...' (empty when none)."""
+    if not batch.errors:
+        return ""
+    first = "; ".join(f"line {e.line} ({e.custom_id}): {e.code}: {e.message.split(': ', 1)[-1]}"
+                      for e in batch.errors[:shown])
+    more = f"; ... (+{len(batch.errors) - shown} more)" if len(batch.errors) > shown else ""
+    return f"{batch.path}: {len(batch.errors)} of {batch.n_lines} lines will not run: {first}{more}"
+
+
+def load_batch_inputs(config: str, path: str, limit: int | None = None,
+                      seed: int | None = None) -> tuple[ClusterSpec, BatchInput]:
+    """Cluster + parsed batch with infeasible requests moved to the errors (for simulate / plan)."""
+    from .config import load_cluster
+
+    cluster = load_cluster(config)
+    return cluster, check_batch_feasible(read_batch(path, limit=limit, seed=seed), cluster)
+
+
+def load_batch_requests(config: str, path: str, limit: int | None = None,
+                        seed: int | None = None) -> tuple[ClusterSpec, list[Request]]:
+    """``inputs.load_inputs`` for a batch file: the runnable requests; the others are logged."""
+    cluster, batch = load_batch_inputs(config, path, limit, seed)
+    if batch.errors:
+        log.warning("%s", describe_errors(batch))
+    if not batch.requests:
+        raise WorkloadError(f"{path}: no valid request in {batch.n_lines} lines; {describe_errors(batch)}")
+    return cluster, batch.requests
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
+
+def format_success(record: CompletionRecord, custom_id: str | None = None, *, url: str = COMPLETIONS_URL,
+                   model: str = DEFAULT_MODEL, max_tokens: int | None = None, created: int | None = None) -> dict:
+    """A finished request's OpenAI batch output line.
+
+    The emulated engine produces no text: ``text`` / ``message.content`` is "" (a record with a
+    ``text`` attribute, from a real engine, fills it). ``finish_reason`` is "length" when the
+    output reached ``max_tokens`` (always, for the emulator), else "stop". Ids are stable hashes
+    of the custom_id; ``created`` is the Unix time of writing.
+    """
+    cid = record.id if custom_id is None else custom_id
+    h = _hash(cid)
+    text = getattr(record, "text", None) or ""
+    finish = "length" if max_tokens is None or record.output_tokens >= max_tokens else "stop"
+    if url == CHAT_URL:
+        obj, body_id = "chat.completion", f"chatcmpl-{h}"
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                  "finish_reason": finish}
+    else:
+        obj, body_id = "text_completion", f"cmpl-{h}"
+        choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+    body = {"id": body_id, "object": obj, "created": int(time.time()) if created is None else created,
+            "model": model, "choices": [choice],
+            "usage": {"prompt_tokens": record.prompt_tokens, "completion_tokens": record.output_tokens,
+                      "total_tokens": record.prompt_tokens + record.output_tokens}}
+    return {"id": f"batch_req_{h}", "custom_id": cid,
+            "response": {"status_code": 200, "request_id": f"req_{h}", "body": body},
+            "error": None,
+            EXTENSION_KEY: {"replica": record.replica, "arrival_s": record.arrival_s,
+                            "first_token_s": record.first_token_s, "finish_s": record.finish_s,
+                            "preemptions": record.preemptions}}
+
+
+def format_error(custom_id: str, code: str, message: str, *, line: int | None = None) -> dict:
+    """An error output line: ``response`` null, ``error`` {code, message[, line]}."""
+    err: dict[str, Any] = {"code": code, "message": message}
+    if line is not None:
+        err["line"] = line
+    return {"id": f"batch_req_{_hash(custom_id, str(line))}", "custom_id": custom_id, "response": None,
+            "error": err}
+
+
+def parse_output_line(obj: dict, where: str) -> CompletionRecord | ErrorLine:
+    """An output line read back (resume): a success line -> CompletionRecord keyed by custom_id;
+    an error line -> ErrorLine. Lines from other tools (vLLM's, without our timing) count as done."""
+    cid = obj.get("custom_id")
+    if not isinstance(cid, str):
+        raise ResultsError(f"{where}: custom_id must be a string, got {cid!r}")
+    err, resp = obj.get("error"), obj.get("response")
+    if err is not None:
+        if isinstance(err, dict):
+            code, message, line = str(err.get("code") or ""), str(err.get("message") or ""), err.get("line")
+        else:                                  # vLLM writes the message as a plain string
+            code, message, line = "", str(err), None
+        line = line if isinstance(line, int) and not isinstance(line, bool) else None
+        by_line = code == DUPLICATE_CUSTOM_ID or (line is not None and cid == f"line-{line}")
+        return ErrorLine(str(obj.get("id") or ""), cid, code, message, line, None if by_line else cid)
+    if not isinstance(resp, dict):
+        raise ResultsError(f"{where}: an OpenAI batch output line needs a 'response' object or an 'error'")
+    body = resp.get("body") if isinstance(resp.get("body"), dict) else {}
+    usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+    ext = obj.get(EXTENSION_KEY) if isinstance(obj.get(EXTENSION_KEY), dict) else {}
+    try:
+        rec = CompletionRecord(cid, str(ext.get("replica", "")), float(ext.get("arrival_s", 0.0)),
+                               float(ext.get("first_token_s", 0.0)), float(ext.get("finish_s", 0.0)),
+                               int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
+                               int(ext.get("preemptions", 0)))
+    except (TypeError, ValueError) as e:
+        raise ResultsError(f"{where}: bad value ({e})") from None
+    if not all(math.isfinite(x) for x in (rec.arrival_s, rec.first_token_s, rec.finish_s)):
+        raise ResultsError(f"{where}: times must be finite numbers")
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs: `hybrid-ray run -i IN -o OUT` and `hybrid-ray simulate -i IN -o OUT`
+# ---------------------------------------------------------------------------------------------
+
+def prepare_batch_run(opts, cluster: ClusterSpec | None = None, requests: list[Request] | None = None):
+    """For ``runtime.run``: when ``opts.workload`` is an OpenAI batch file (and no requests were
+    given), parse it, write the error lines the output file lacks, and return ``(opts, cluster,
+    requests)`` with the output file as the resume file and ``record_format`` writing OpenAI lines.
+    Otherwise return the arguments unchanged.
+
+    ``-o`` (or ``--resume``) is the resume file: if it exists, the custom_ids it holds (success or
+    error lines) are skipped and new lines are appended, so every input line ends with exactly one
+    output line however often the run is interrupted and restarted.
+    """
+    if requests is not None or not is_batch_workload(opts.workload):
+        return opts, cluster, requests
+    from .config import load_cluster
+    from .runtime import RuntimeSetupError
+
+    if cluster is None:
+        cluster = load_cluster(opts.config)
+    batch = check_batch_feasible(read_batch(opts.workload, limit=opts.limit, seed=opts.seed), cluster)
+    if opts.resume and opts.output and Path(opts.output).resolve() != Path(opts.resume).resolve():
+        raise RuntimeSetupError(f"--resume {opts.resume} appends to that file; drop --output {opts.output} "
+                                f"or make it the same file")
+    out = opts.resume or opts.output
+    if out is None:
+        if batch.errors:
+            log.warning("%s; pass -o FILE to get their error lines", describe_errors(batch))
+        return replace(opts, record_format=batch.formatter()), cluster, batch.requests
+    existing = read_results(out, missing_ok=True)
+    pending = batch.pending_errors(existing)
+    if pending:
+        with ResultsWriter(out, append=True) as w:
+            w.write_lines(_dumps(e.to_output()) for e in pending)
+    p = Path(out)
+    resume = out if p.exists() and p.stat().st_size > 0 else None
+    return replace(opts, output=out, resume=resume, record_format=batch.formatter()), cluster, batch.requests
+
+
+def write_simulated_output(workload: str, path: str | Path, cluster: ClusterSpec, record,
+                           limit: int | None = None, seed: int | None = None) -> Path:
+    """``simulate -o``: the run's output lines, overwritten, in request-completion order.
+
+    For an OpenAI batch workload, OpenAI batch output lines (the error lines first, then one per
+    finished request); for any other workload, the runtime's completion records.
+    """
+    seqs = sorted((s for s in record.sequences if s.finish_s >= 0), key=lambda s: s.finish_s)
+    recs = [CompletionRecord.from_sequence(s) for s in seqs]
+    if is_batch_workload(workload):
+        batch = check_batch_feasible(read_batch(workload, limit=limit, seed=seed), cluster)
+        with ResultsWriter(path, formatter=batch.formatter()) as w:
+            w.write_lines(_dumps(e.to_output()) for e in batch.errors)
+            w.write(recs)
+    else:
+        with ResultsWriter(path) as w:
+            w.write(recs)
+    return Path(path)
+
+
+def output_lines(path: str | Path) -> list[dict]:
+    """Every object of an output file (tests, tools)."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+__all__ = ["BatchInput", "BatchLine", "BatchLineError", "BatchPath", "CHARS_PER_TOKEN",
+           "CHAT_MESSAGE_OVERHEAD_TOKENS", "DEFAULT_MAX_TOKENS", "check_batch_feasible", "estimate_tokens",
+           "format_error", "format_success", "is_batch_workload", "load_batch_inputs", "parse_line",
+           "parse_output_line", "prepare_batch_run", "read_batch", "write_simulated_output"]
