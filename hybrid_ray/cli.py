@@ -97,8 +97,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     fin = sorted(plan.predicted_finish_s.values())
     rows = [("planned makespan", f"{plan.planned_makespan_s:.2f} s"),
             ("lower bound (any policy)", f"{plan.lower_bound_s:.2f} s"),
-            ("gap", f"{100 * plan.gap:.2f} %"),
-            ("packing bound / status", f"{plan.pack_bound_s:.2f} s / {plan.solver_status} ({plan.method})"),
+            ("gap to the lower bound", f"{100 * plan.gap:.2f} % (the bound ignores prefill stalls; "
+                                       f"the estimate does not)"),
+            ("packing bound / gap / status", f"{plan.pack_bound_s:.2f} s / {100 * plan.pack_gap:.4f} % / "
+                                             f"{plan.solver_status} ({plan.method})"),
             ("solve time", f"{plan.solve_time_s:.2f} s"),
             ("replica finish min / max", f"{fin[0]:.2f} / {fin[-1]:.2f} s" if fin else "-")]
     w = max(len(k) for k, _ in rows)

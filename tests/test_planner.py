@@ -49,6 +49,7 @@ def test_plan_quality_on_paper_setting(paper, paper_offline):
     plan = paper_offline[0].info["plan"]
     assert plan.solve_time_s < 5.0
     assert plan.planned_makespan_s / plan.pack_bound_s - 1 < 0.01          # packing gap under 1 %
+    assert plan.pack_gap == pytest.approx(plan.planned_makespan_s / plan.pack_bound_s - 1, abs=1e-9)
     assert len(plan.assignment) == len(reqs) == sum(len(v) for v in plan.order.values())
     base = summarize(simulate(cl, build_scheduler("baseline", cl, reqs), reqs))
     assert paper_offline[1].makespan_s < base.makespan_s
