@@ -548,6 +548,7 @@ def prepare_batch_run(opts, cluster: ClusterSpec | None = None, requests: list[R
     if pending:
         with ResultsWriter(out, append=True) as w:
             w.write_lines(_dumps(e.to_output()) for e in pending)
+        log.warning("%s; their error lines are in %s", describe_errors(batch), out)
     p = Path(out)
     resume = out if p.exists() and p.stat().st_size > 0 else None
     return replace(opts, output=out, resume=resume, record_format=batch.formatter()), cluster, batch.requests
