@@ -122,6 +122,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                       cpus_per_replica=args.cpus_per_replica, lengths=args.lengths, plan_method=args.plan_method,
                       plan_time_limit_s=args.time_limit, heartbeat_timeout_s=args.heartbeat_timeout,
                       connect_timeout_s=args.connect_timeout, progress=not args.no_progress)
+    opts.engine, opts.model, opts.device = args.engine, args.model, args.device
     print(f"running {args.workload} on {args.config} with policy {args.policy} on Ray "
           f"({args.address or 'local'})", flush=True)
     try:
@@ -192,6 +193,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .policies import DESCRIPTIONS
+    from .profiling import add_engine_options, add_profile_command
 
     p = argparse.ArgumentParser(
         prog="hybrid-ray",
@@ -239,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--address", default=None, help="Ray to use: omitted = start a local Ray; auto = the cluster "
                    "this node belongs to; HOST:6379 (GCS) or ray://HOST:10001 (Ray Client)")
     r.add_argument("-o", "--output", metavar="JSONL", default=None, help="append one JSON record per finished request "
-                   "(flushed as they finish)")
+                   "(flushed as they finish); with an OpenAI batch input, OpenAI batch output lines, and the file is "
+                   "also the resume file")
     r.add_argument("--resume", metavar="JSONL", default=None, help="skip the requests already in this results "
                    "file and append to it (a truncated last line is tolerated)")
     r.add_argument("--time-scale", type=float, default=None, help="real seconds slept per modelled second "
@@ -258,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     r.add_argument("--plot", metavar="DIR", default=None,
                    help="write gantt.png, occupancy.png and finish_times.png of this run to DIR ([plot] extra)")
+    add_engine_options(r)
     r.set_defaults(func=cmd_run)
 
     b = sub.add_parser("bench", help="benchmarks that print tables (paper: the paper's table beside ours; "
@@ -286,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--scale", type=float, default=1.0,
                    help="multiply every coefficient (e.g. 1/(TP x efficiency) for a one-GPU-equivalent profile)")
     f.set_defaults(func=cmd_fit)
+    add_profile_command(sub)
     return p
 
 

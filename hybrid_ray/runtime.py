@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import ClusterSpec, ReplicaGroupSpec
+from .engines import engine_spec
 from .errors import HybridRayError
 from .inputs import DEFAULT_CONFIG, DEFAULT_WORKLOAD, load_inputs
 from .replica import FINISHED, LoadReport, ReplicaState, Sequence
@@ -79,6 +80,9 @@ class RunOptions:
     connect_timeout_s: float = 15.0
     startup_timeout_s: float = 60.0       # actors placed and constructed within this
     progress: bool = True
+    engine: str = "emulated"              # emulated | transformers | vllm (real engines: time_scale 1)
+    model: str | None = None              # real engines: a preset (tiny, llama-7b, ...) or a model directory
+    device: str = "cpu"                   # real engines: cpu | cuda
     record_format: Callable[[CompletionRecord], str] | None = None  # output line of a record (OpenAI batch files)
 
 
@@ -405,7 +409,9 @@ class Driver:
             opts = actor_options(per_replica[spec.group.name])
             h = replica_cls.options(name=f"hybrid-ray-{self.run_id}-{spec.name}", max_restarts=0,
                                     max_concurrency=1000, **opts).remote(
-                spec, factory, ts, self.opts.report_interval_s, report_finished=sch.dispatcher is not None)
+                spec, factory, ts, self.opts.report_interval_s, report_finished=sch.dispatcher is not None,
+                engine_spec=engine_spec(self.opts.engine, self.opts.model, self.opts.device,
+                                        cpus=per_replica[spec.group.name].get("CPU")))
             self.handles.append(h)
         refs = {h.ready.remote(): i for i, h in enumerate(self.handles)}
         self.msgs["ready"] += len(refs)
@@ -708,6 +714,8 @@ def prepare(opts: RunOptions, cluster: ClusterSpec | None = None,
         if not opts.time_scale > 0:
             raise RuntimeSetupError(f"--time-scale must be > 0, got {opts.time_scale}")
         cluster = replace(cluster, time_scale=float(opts.time_scale))
+    if engine_spec(opts.engine, opts.model, opts.device) is not None:   # checks the extra and the model
+        cluster = replace(cluster, time_scale=1.0)   # a real engine's iterations take real time
     ids = [q.id for q in requests]
     if len(set(ids)) != len(ids):
         dup = sorted({x for x in ids if ids.count(x) > 1})[:5]

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from ..config import ReplicaSpec
-from ..engines import Engine, EmulatedEngine
+from ..engines import Engine, EmulatedEngine, make_engine
 from ..replica import LoadReport, ReplicaState, Sequence
 from ..results import CompletionRecord
 from ..simulator import start_iteration
@@ -75,9 +75,11 @@ class ReplicaStats:
 class ReplicaActor:
     def __init__(self, spec: ReplicaSpec, policy_factory: Callable[[ReplicaState], Any], time_scale: float = 1.0,
                  report_interval_s: float = 0.1, engine: Engine | None = None, push_gap_s: float = 0.02,
-                 report_finished: bool = False):
+                 report_finished: bool = False, engine_spec: dict | None = None):
         self.state = ReplicaState(spec)
         self.policy = policy_factory(self.state)
+        if engine is None and engine_spec:     # a real engine loads its model here, in the actor's process
+            engine = make_engine(time_scale=time_scale, **engine_spec)
         self.engine: Engine = engine if engine is not None else EmulatedEngine(time_scale)
         self.report_interval_s = report_interval_s
         # a pull-based dispatcher releases work when sequences finish: tell it at once, and which

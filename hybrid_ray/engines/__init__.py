@@ -1,5 +1,57 @@
 """Engines execute one iteration a policy chose and say how long it took; they never decide what runs."""
+from __future__ import annotations
+
+import importlib.util
+
 from .base import Engine, EngineResult
 from .emulated import EmulatedEngine
 
-__all__ = ["Engine", "EngineResult", "EmulatedEngine"]
+ENGINES = ("emulated", "transformers", "vllm")
+
+
+def make_engine(kind: str = "emulated", *, time_scale: float = 1.0, model: str | None = None, device: str = "cpu",
+                seed: int = 0, dtype: str | None = None, threads: int | None = None) -> Engine:
+    """Build an engine by name, where it will run (a replica actor builds its own: models are not pickled).
+
+    ``emulated`` sleeps the cost model's time x ``time_scale``; the real engines (``transformers``,
+    ``vllm``) load ``model`` on ``device`` and report measured seconds (their time_scale is 1).
+    """
+    if kind == "emulated":
+        return EmulatedEngine(time_scale)
+    if kind == "transformers":
+        from .transformers import TransformersEngine
+        return TransformersEngine(model or "tiny", device=device, seed=seed, dtype=dtype, threads=threads)
+    if kind == "vllm":
+        from .vllm import VLLMEngine
+        if not model:
+            raise ValueError("the vllm engine needs a model (a local directory or a name vLLM can load)")
+        return VLLMEngine.from_model(model, seed=seed, dtype=dtype)
+    raise ValueError(f"unknown engine {kind!r}; choose from {', '.join(ENGINES)}")
+
+
+def engine_spec(kind: str, model: str | None = None, device: str = "cpu", seed: int = 0,
+                cpus: float | None = None) -> dict | None:
+    """``make_engine`` keyword arguments for a replica actor (None: the emulated engine).
+
+    Checked here, on the driver, so a missing extra or a bad model fails before any actor starts.
+    A CPU engine gets as many torch threads as its actor reserves CPUs (replicas share the host).
+    """
+    from .transformers import EngineSetupError, check_model   # no torch import: numpy only
+
+    if kind == "emulated":
+        return None
+    if kind not in ENGINES:
+        raise EngineSetupError(f"--engine {kind}: unknown engine; choose from {', '.join(ENGINES)}")
+    if kind == "transformers":
+        missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise EngineSetupError(f"--engine transformers needs {' and '.join(missing)}: "
+                                   f"pip install torch==2.13.0 && pip install -e '.[engine]'")
+        check_model(model or "tiny")
+    elif importlib.util.find_spec("vllm") is None:
+        raise EngineSetupError("--engine vllm needs vLLM (CUDA): pip install -e '.[vllm]'")
+    threads = max(1, int(cpus)) if cpus and not device.startswith("cuda") else None
+    return dict(kind=kind, model=model, device=device, seed=seed, threads=threads)
+
+
+__all__ = ["ENGINES", "Engine", "EngineResult", "EmulatedEngine", "engine_spec", "make_engine"]
