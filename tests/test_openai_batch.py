@@ -326,16 +326,6 @@ def test_simulate_and_plan_take_a_batch_file(tmp_path, capsys):
 
 # -- on Ray ---------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def ray_session():
-    ray = pytest.importorskip("ray")
-    import logging
-
-    ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level=logging.WARNING)
-    yield ray
-    ray.shutdown()
-
-
 @pytest.mark.ray
 def test_thousand_lines_end_to_end_on_ray(ray_session, tmp_path, capsys):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"

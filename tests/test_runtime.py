@@ -103,16 +103,6 @@ def test_actor_take_back_and_drain():
 
 # -- on Ray -----------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def ray_session():
-    ray = pytest.importorskip("ray")
-    import logging
-
-    ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level=logging.WARNING)
-    yield ray
-    ray.shutdown()
-
-
 def _ids_once(path, expected):
     res = read_results(path)
     assert res.duplicates == [], f"duplicates in {path}: {res.duplicates[:5]}"
