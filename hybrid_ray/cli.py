@@ -183,8 +183,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.scale != 1.0:
         model = model.scaled(args.scale)
     print(f"fitted {rep.n_prefill} prefill and {rep.n_decode} decode points of {args.profile}")
-    print(f"  prefill relative error: max {100 * rep.prefill_max_rel_err:.1f} %, mean {100 * rep.prefill_mean_rel_err:.1f} %")
-    print(f"  decode relative error:  max {100 * rep.decode_max_rel_err:.1f} %, mean {100 * rep.decode_mean_rel_err:.1f} %")
+    print(rep.lines())
     if args.scale != 1.0:
         print(f"  coefficients multiplied by {args.scale}")
     print(cost_model_yaml(model, indent=4), end="")

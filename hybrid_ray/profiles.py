@@ -49,6 +49,13 @@ class FitReport:
     def max_rel_err(self) -> float:
         return max(self.prefill_max_rel_err, self.decode_max_rel_err)
 
+    def lines(self) -> str:
+        """The two error lines every fitting command prints."""
+        return (f"  prefill relative error: max {100 * self.prefill_max_rel_err:.1f} %, "
+                f"mean {100 * self.prefill_mean_rel_err:.1f} %\n"
+                f"  decode relative error:  max {100 * self.decode_max_rel_err:.1f} %, "
+                f"mean {100 * self.decode_mean_rel_err:.1f} %")
+
 
 def load_profile(path: str | Path, model: str | None = None, hardware: str | None = None,
                  tensor_parallel: int | None = None) -> list[ProfilePoint]:

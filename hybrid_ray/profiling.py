@@ -214,7 +214,6 @@ def cmd_profile(args) -> int:
     path = write_profile(points, out, model, engine.layers)
     cost, rep = fit_cost_model(points)
     print(f"measured in {time.perf_counter() - t1:.1f} s; wrote {path}")
-    print(f"  prefill relative error: max {100 * rep.prefill_max_rel_err:.1f} %, mean {100 * rep.prefill_mean_rel_err:.1f} %")
-    print(f"  decode relative error:  max {100 * rep.decode_max_rel_err:.1f} %, mean {100 * rep.decode_mean_rel_err:.1f} %")
+    print(rep.lines())
     print(cost_model_yaml(cost, indent=4), end="")
     return 0
