@@ -112,7 +112,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """`hybrid-ray run`: the same policies on Ray actors with the emulated engine (hybrid_ray/runtime.py)."""
+    """`hybrid-ray run`: the same policies on Ray actors, emulated or real engines (hybrid_ray/runtime.py)."""
     from .metrics import format_summary
     from .runtime import RunOptions, run
 
@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--workers", type=int, default=2, help="CP-SAT search workers (default: 2)")
     pl.set_defaults(func=cmd_plan)
 
-    r = sub.add_parser("run", help="run a policy on Ray actors with the emulated engine (real time)",
+    r = sub.add_parser("run", help="run a policy on Ray actors in real time (emulated engine, or --engine transformers|vllm)",
                        description="Run a workload on Ray: one actor per replica (the same replica state "
                                    "machine and policy objects as `simulate`, with an engine that sleeps the "
                                    "modelled iteration time x time_scale), a controller actor and a planner "
