@@ -245,7 +245,7 @@ class ReplicaState:
         """Everything not finished, reset to be recomputed elsewhere (replica lost)."""
         out = list(self.running.values()) + list(self.prefilling.values()) + self.waiting
         for s in out:
-            s.generated = self.generated(s) if s.status == RUNNING else s.generated
+            s.generated = self.generated(s)
             s.status, s.prefilled = WAITING, 0
             s.epoch += 1
         self.running.clear(), self.prefilling.clear(), self._heap.clear()

@@ -129,7 +129,7 @@ class LagrangianPolicy:
         tokens = sum(n for _, n in batch)
         attn = sum(n * n for _, n in batch)
         now_cost, mixed = self._insert_cost(r, tokens, attn, t_d)
-        best_wait = self._best_deferral(r, batch, k, mu, t_d)
+        best_wait = self._best_deferral(r, k, tokens, attn, mu, t_d)
         if now_cost / k <= best_wait:
             if mixed:
                 return Iteration(MIXED, self._chunks(r, batch) if self.chunk_tokens > 0 else batch, decode=True)
@@ -137,8 +137,7 @@ class LagrangianPolicy:
         self.deferrals += 1
         return Iteration(DECODE, decode=True)
 
-    def _best_deferral(self, r: ReplicaState, batch: list[tuple[Sequence, int]], k: int, mu: float,
-                       t_d: float) -> float:
+    def _best_deferral(self, r: ReplicaState, k: int, tokens: int, attn: int, mu: float, t_d: float) -> float:
         """min over j of the per-request cost of deferring j steps (inf if deferring gains nothing)."""
         horizon = self.horizon
         finishing = [0] * (horizon + 1)           # finishing[i]: predicted to finish after i+1 steps
@@ -151,8 +150,6 @@ class LagrangianPolicy:
                 finishing[rem - 1] += 1
         waiting = len(r.waiting)
         extra_queue = r.waiting[k:]               # prompts that could join the later insertion
-        tokens = sum(n for _, n in batch)
-        attn = sum(n * n for _, n in batch)
         best = float("inf")
         lost = 0.0
         freed = 0
