@@ -5,10 +5,8 @@ User errors (bad YAML, bad workload, impossible request) print one clear line an
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 from . import __version__
 from .errors import HybridRayError

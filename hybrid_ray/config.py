@@ -28,7 +28,7 @@ import difflib
 import importlib.resources
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, NoReturn, TypeVar
 
@@ -93,6 +93,10 @@ class ClusterSpec:
     @property
     def num_replicas(self) -> int:
         return sum(g.count for g in self.groups)
+
+    def with_cost_model(self, cost: CostModel) -> "ClusterSpec":
+        """Every group on ``cost`` (a real engine runs one model on every replica: one profile)."""
+        return replace(self, groups=tuple(replace(g, cost_model=cost) for g in self.groups))
 
     def to_dict(self) -> dict:
         """Plain dict (no dataclasses, no shared mutable state) that ``parse_cluster`` accepts back."""

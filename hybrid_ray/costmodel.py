@@ -84,10 +84,12 @@ class CostModel:
     def to_dict(self) -> dict:
         return {"prefill": asdict(self.prefill), "decode": asdict(self.decode)}
 
-    def scaled(self, factor: float) -> "CostModel":
-        """Every time multiplied by ``factor`` (e.g. 1/efficiency of tensor parallelism)."""
+    def scaled(self, factor: float, decode_factor: float | None = None) -> "CostModel":
+        """Every time multiplied by ``factor`` (e.g. 1/efficiency of tensor parallelism); decode's by
+        ``decode_factor`` instead where given (calibration scales the two phases separately)."""
         p, d = self.prefill, self.decode
+        f, g = factor, factor if decode_factor is None else decode_factor
         return CostModel(
-            PrefillCost(p.floor_s * factor, p.base_s * factor, p.per_token_s * factor, p.per_token_sq_s * factor),
-            DecodeCost(d.base_s * factor, d.per_seq_s * factor, d.per_ctx_token_s * factor),
+            PrefillCost(p.floor_s * f, p.base_s * f, p.per_token_s * f, p.per_token_sq_s * f),
+            DecodeCost(d.base_s * g, d.per_seq_s * g, d.per_ctx_token_s * g),
         )

@@ -20,3 +20,16 @@ class InfeasibleRequestError(HybridRayError):
     def __init__(self, message: str, request_ids: list[str]):
         super().__init__(message)
         self.request_ids = request_ids
+
+
+class RuntimeSetupError(HybridRayError):
+    """Ray could not be started or reached, or the cluster cannot host the replicas."""
+
+
+class ReplicasLostError(HybridRayError):
+    """Every replica failed; ``unfinished`` lists the request ids left, also written to ``path``."""
+
+    def __init__(self, message: str, unfinished: list[str], path: str):
+        super().__init__(message)
+        self.unfinished = unfinished
+        self.path = path

@@ -163,3 +163,77 @@ def cost_model_yaml(model: CostModel, indent: int = 0) -> str:
             f"per_token_s: {p.per_token_s:.6g}, per_token_sq_s: {p.per_token_sq_s:.6g}}}\n"
             f"{pad}  decode: {{base_s: {d.base_s:.6g}, per_seq_s: {d.per_seq_s:.6g}, "
             f"per_ctx_token_s: {d.per_ctx_token_s:.6g}}}\n")
+
+
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    """How a replay's measured iterations compare with a cost model, per iteration kind.
+
+    ``measured_s`` / ``predicted_s`` are the kind's summed iteration times; the scales are the
+    robust levels of their ratio for prefill and decode (``_level``; 1.0 where the replay ran no
+    iteration of that kind).
+    """
+
+    iterations: dict[str, int]
+    measured_s: dict[str, float]
+    predicted_s: dict[str, float]
+    prefill_scale: float
+    decode_scale: float
+
+    def lines(self) -> str:
+        rows = [f"  {kind:7s} {self.iterations[kind]:6d} iterations  measured {self.measured_s[kind]:9.4f} s  "
+                f"predicted {self.predicted_s[kind]:9.4f} s  x{self.measured_s[kind] / self.predicted_s[kind]:.3f}"
+                for kind in sorted(self.iterations) if self.predicted_s[kind] > 0]
+        rows.append(f"  scaled prefill x{self.prefill_scale:.3f}, decode x{self.decode_scale:.3f} "
+                    f"(median over blocks of the run)")
+        return "\n".join(rows)
+
+
+CALIBRATION_BLOCKS = 9      # a phase's iterations are cut into this many consecutive blocks (fewer if short)
+MIN_BLOCK_ITERATIONS = 20
+
+
+def _level(measured: list[float], predicted: list[float]) -> float:
+    """Measured / predicted time, robust to a passing disturbance of the host.
+
+    The iterations (in run order) are cut into consecutive blocks of about equal predicted time;
+    the ratio is the median of the blocks' ratios. A stall or a burst of another process's work
+    inflates a block or two, not the median; with few iterations it is the plain ratio of sums.
+    """
+    total = sum(predicted)
+    k = max(1, min(CALIBRATION_BLOCKS, len(measured) // MIN_BLOCK_ITERATIONS))
+    if total <= 0 or k == 1:
+        return sum(measured) / total if total > 0 and sum(measured) > 0 else 1.0
+    ratios, m, p, edge = [], 0.0, 0.0, total / k
+    for mi, pi in zip(measured, predicted):
+        m, p = m + mi, p + pi
+        if p >= edge and len(ratios) < k - 1:
+            ratios.append(m / p)
+            m = p = 0.0
+    if p > 0:
+        ratios.append(m / p)
+    return float(np.median(ratios))
+
+
+def calibrate(cost: CostModel, records) -> tuple[CostModel, Calibration]:
+    """Scale ``cost``'s prefill and decode coefficients to the level that ``records`` measured.
+
+    Why: a profile times each shape over and over on an otherwise idle engine; a run never repeats
+    a shape and shares the host with its other replicas. Both change the *level* of every
+    iteration's time, not the shape of the model (docs/engines.md, "Fidelity"), so a short replay
+    of representative requests fixes the level: one factor per phase, time-weighted as the
+    makespan is (``_level``). Mixed iterations are left out of the factors (they blend both).
+    ``records`` are ``IterationRecord``s in run order, e.g. every replica's of a ``hybrid-ray run``.
+    """
+    n: dict[str, int] = defaultdict(int)
+    measured: dict[str, list[float]] = defaultdict(list)
+    predicted: dict[str, list[float]] = defaultdict(list)
+    for r in records:
+        n[r.kind] += 1
+        measured[r.kind].append(r.end_s - r.start_s)
+        predicted[r.kind].append(r.predicted_s(cost))
+    if not n:
+        raise WorkloadError("calibration: the replay ran no iterations")
+    pre, dec = _level(measured["prefill"], predicted["prefill"]), _level(measured["decode"], predicted["decode"])
+    return cost.scaled(pre, dec), Calibration(dict(n), {k: sum(v) for k, v in measured.items()},
+                                              {k: sum(v) for k, v in predicted.items()}, pre, dec)

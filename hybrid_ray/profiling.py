@@ -41,7 +41,7 @@ class ProfileGrid:
     decode: tuple[tuple[int, int], ...]      # (sequences, context tokens per sequence)
     reps: int = 15           # timed repetitions per point (the median is kept)
     warmup: int = 2          # untimed repetitions before each point's timed ones, in every round
-    rounds: int = 3          # sweeps over the grid that share the repetitions
+    rounds: int = 5          # sweeps over the grid that share the repetitions (a disturbance hits few of a point's)
 
 
 # Sized for the `tiny` preset on 2 CPU cores (~2 s of timing) and GSM8K-like requests (prompts <= 200 tokens,
@@ -138,6 +138,28 @@ def run_replica(engine, cluster, requests, policy: str = "baseline"):
     return state
 
 
+def replay_records(states) -> list:
+    """Every iteration record of a run's replicas (``RunResult.record.replicas`` or ``run_replica``'s state)."""
+    return [r for st in states for r in st.records]
+
+
+def calibrate_on_run(cost, cluster, requests, *, engine: str, model: str, device: str = "cpu",
+                     policy: str = "baseline", address: str | None = None, progress: bool = False):
+    """Replay ``requests`` with ``hybrid-ray run`` on ``cluster``'s replicas and the real engine, then scale
+    ``cost`` to what the run's iterations measured (``profiles.calibrate``).
+
+    The replay is a real run, so the host's concurrency (replicas sharing cores or a node with
+    Ray's own processes) is in the figures. Returns (calibrated model, Calibration, RunResult).
+    """
+    from .profiles import calibrate
+    from .runtime import RunOptions, run
+
+    res = run(RunOptions(engine=engine, model=model, device=device, policy=policy, address=address,
+                         progress=progress), cluster=cluster.with_cost_model(cost), requests=requests)
+    calibrated, report = calibrate(cost, replay_records(res.record.replicas))
+    return calibrated, report, res
+
+
 def write_profile(points: list[ProfilePoint], path: str | Path, model: str, layers: int) -> Path:
     """Write points in our profile CSV format (every layer ran: measured = full model)."""
     path = Path(path)
@@ -171,6 +193,8 @@ def add_engine_options(p, profile: bool = False) -> None:
 
 
 def add_profile_command(sub) -> None:
+    from .policies import policy_names
+
     pr = sub.add_parser("profile", help="time a real engine's prefill and decode iterations, fit the cost model",
                         description="Measure prefill (batch x prompt tokens) and decode (batch x context) iteration "
                                     "times on a real engine, write them as a profile CSV, fit the cost model and print "
@@ -186,6 +210,20 @@ def add_profile_command(sub) -> None:
     pr.add_argument("--threads", type=int, default=1, help="torch CPU threads: match the replicas' CPU resources "
                     "(default: 1, as cpu_tiny.yaml's {CPU: 1})")
     pr.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: float32 on cpu, bfloat16 on cuda)")
+    cal = pr.add_argument_group("calibration (--calibrate): a short real run fixes the fitted model's level")
+    cal.add_argument("--calibrate", action="store_true",
+                     help="after the fit, run a sample of representative requests with `hybrid-ray run` on the "
+                          "config's replicas and this engine, and scale the prefill and decode coefficients to the "
+                          "run's measured iterations: a run never repeats a shape and shares the host, a profile "
+                          "does neither (docs/engines.md, Fidelity)")
+    cal.add_argument("--config", default="cpu_tiny", help="cluster YAML or bundled name of the replicas to calibrate "
+                     "on: use the one you will run (default: cpu_tiny)")
+    cal.add_argument("--workload", default="gsm8k", help="representative requests (default: gsm8k)")
+    cal.add_argument("--limit", type=int, default=128, help="requests in the calibration run (default: 128)")
+    cal.add_argument("--seed", type=int, default=1, help="sample them at random with this seed (default: 1)")
+    cal.add_argument("--policy", default="baseline", choices=policy_names(),
+                     help="policy of the calibration run (default: baseline)")
+    cal.add_argument("--address", default=None, help="Ray address, as for `run` (default: a local Ray)")
     pr.set_defaults(func=cmd_profile)
 
 
@@ -195,6 +233,7 @@ def cmd_profile(args) -> int:
 
     from .engines import make_engine
     from .engines.transformers import check_model
+    from .inputs import load_inputs
     from .profiles import cost_model_yaml, fit_cost_model
 
     model = args.model or "tiny"
@@ -202,6 +241,8 @@ def cmd_profile(args) -> int:
     grid = ProfileGrid(parse_pairs(args.prefill, "--prefill") if args.prefill else DEFAULT_GRID.prefill,
                        parse_pairs(args.decode, "--decode") if args.decode else DEFAULT_GRID.decode,
                        reps=max(1, args.reps))
+    if args.calibrate:                              # bad calibration inputs fail before the profile, not after
+        cluster, requests = load_inputs(args.config, args.workload, args.limit, args.seed)
     out = args.out or f"profile_{re.sub(r'[^A-Za-z0-9_.-]+', '_', model)}_{args.device}.csv"
     t0 = time.perf_counter()
     engine = make_engine(args.engine, model=model, device=args.device, dtype=args.dtype,
@@ -215,5 +256,14 @@ def cmd_profile(args) -> int:
     cost, rep = fit_cost_model(points)
     print(f"measured in {time.perf_counter() - t1:.1f} s; wrote {path}")
     print(rep.lines())
+    if args.calibrate:
+        del engine                                  # free the cores and memory for the replicas
+        print(f"calibrating on {len(requests)} {args.workload} requests (seed {args.seed}), {cluster.num_replicas} "
+              f"replicas of {cluster.source}, policy {args.policy}:", flush=True)
+        cost, cal, res = calibrate_on_run(cost, cluster, requests, engine=args.engine, model=model,
+                                          device=args.device, policy=args.policy, address=args.address,
+                                          progress=True)
+        print(cal.lines())
+        print(f"  calibration run: makespan {res.summary.makespan_s:.3f} s, wall {res.wall_s:.1f} s")
     print(cost_model_yaml(cost, indent=4), end="")
     return 0

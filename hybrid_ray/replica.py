@@ -71,6 +71,15 @@ class Sequence:
         return self.generated > 0 or self.prefilled > 0 or self.status != WAITING
 
 
+def iteration_time(cost: CostModel, kind: str, tokens: int, attn_sq: int, batch: int, ctx_tokens: int) -> float:
+    """Modelled seconds of one iteration of ``kind`` with these cost features."""
+    if kind == DECODE:
+        return cost.decode_time(batch, ctx_tokens)
+    if kind == PREFILL:
+        return cost.prefill_time(tokens, attn_sq)
+    return cost.mixed_time(tokens, attn_sq, batch, ctx_tokens)
+
+
 @dataclass(slots=True)
 class Iteration:
     """What a policy asks a replica to run next.
@@ -92,11 +101,7 @@ class Iteration:
     resident: int = 0           # sequences holding a batch slot during the iteration
 
     def duration(self, cost: CostModel) -> float:
-        if self.kind == DECODE:
-            return cost.decode_time(self.batch, self.ctx_tokens)
-        if self.kind == PREFILL:
-            return cost.prefill_time(self.tokens, self.attn_sq)
-        return cost.mixed_time(self.tokens, self.attn_sq, self.batch, self.ctx_tokens)
+        return iteration_time(cost, self.kind, self.tokens, self.attn_sq, self.batch, self.ctx_tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +137,12 @@ class IterationRecord:
     prefills: int       # sequences prefilled (whole or chunk)
     tokens: int         # prefill tokens
     resident: int       # sequences holding a slot
+    attn_sq: int = 0    # prefill attention work (the cost model's A)
+    ctx_tokens: int = 0 # context of the decoding sequences (the cost model's C)
+
+    def predicted_s(self, cost: CostModel) -> float:
+        """What ``cost`` says this iteration takes (calibration compares it with the measured time)."""
+        return iteration_time(cost, self.kind, self.tokens, self.attn_sq, self.batch, self.ctx_tokens)
 
 
 class ReplicaState:
@@ -346,7 +357,7 @@ class ReplicaState:
             heapq.heappush(self._heap, (self.step + s.req.output_tokens - s.generated, self._tiebreak, s.epoch, s))
         self.busy_s += end_s - start_s
         self.records.append(IterationRecord(start_s, end_s, it.kind, it.batch, len(it.prefill), it.tokens,
-                                            it.resident))
+                                            it.resident, it.attn_sq, it.ctx_tokens))
         self.current = None
         return done
 

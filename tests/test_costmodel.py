@@ -57,3 +57,73 @@ def test_shipped_paper_config_matches_fit():
     for b in (1, 8):
         assert shipped.decode_time(b, 200 * b) == pytest.approx(want.decode_time(b, 200 * b), rel=1e-4)
     assert shipped.prompt_prefill_time([70] * 8) == pytest.approx(want.prompt_prefill_time([70] * 8), rel=1e-4)
+
+
+def _replay(cost: CostModel, policy: str):
+    """A simulated replay whose 'measured' iteration times are ``cost``'s (one replica, GSM8K 64)."""
+    from dataclasses import replace
+
+    from hybrid_ray.inputs import load_inputs
+    from hybrid_ray.policies import build_scheduler
+    from hybrid_ray.simulator import simulate
+
+    cl, reqs = load_inputs("cpu_tiny", "gsm8k", 64, seed=3)
+    cl = cl.with_cost_model(cost)
+    cl = replace(cl, groups=(replace(cl.groups[0], count=1),))
+    rec = simulate(cl, build_scheduler(policy, cl, reqs), reqs)
+    return [r for st in rec.replicas for r in st.records]
+
+
+@pytest.mark.parametrize("policy", ["baseline", "hybrid"])
+def test_calibrate_recovers_each_phases_level(policy):
+    """Measured = the truth; the profile's model is off by 0.5 x (prefill) and 0.8 x (decode)."""
+    from hybrid_ray.profiles import calibrate
+
+    truth = CostModel(PrefillCost(3e-4, 2e-4, 4e-6, 6e-9), DecodeCost(4e-4, 2e-5, 2e-7))
+    records = _replay(truth, policy)
+    kinds = {r.kind for r in records}
+    assert {"prefill", "decode"} <= kinds and (policy == "baseline") == ("mixed" not in kinds)
+    calibrated, cal = calibrate(truth.scaled(0.5, 0.8), records)
+    assert cal.prefill_scale == pytest.approx(2.0) and cal.decode_scale == pytest.approx(1.25)
+    for phase in ("prefill", "decode"):
+        got, want = calibrated.to_dict()[phase], truth.to_dict()[phase]
+        assert got == pytest.approx(want, rel=1e-9)
+    # every recorded iteration, mixed ones included, is now predicted exactly
+    assert all(r.predicted_s(calibrated) == pytest.approx(r.end_s - r.start_s, rel=1e-9) for r in records)
+    assert cal.iterations["decode"] == sum(r.kind == "decode" for r in records)
+    assert "scaled prefill x2.000, decode x1.250" in cal.lines()
+
+
+def test_calibrate_needs_iterations_and_keeps_an_unseen_phase():
+    from hybrid_ray.errors import WorkloadError
+    from hybrid_ray.profiles import calibrate
+
+    with pytest.raises(WorkloadError, match="no iterations"):
+        calibrate(CM, [])
+    decode_only = [r for r in _replay(CM, "baseline") if r.kind == "decode"]
+    calibrated, cal = calibrate(CM.scaled(1.0, 0.5), decode_only)
+    assert cal.prefill_scale == 1.0 and cal.decode_scale == pytest.approx(2.0)
+    assert calibrated.prefill == CM.prefill
+
+
+def test_calibration_level_ignores_a_passing_stall():
+    """One iteration held up 200 x (a daemon, a GC pause) must not move the level; a steady 1.3 x must."""
+    from hybrid_ray.profiles import calibrate
+    from hybrid_ray.replica import IterationRecord
+
+    def recs(times):
+        out, t = [], 0.0
+        for d in times:
+            out.append(IterationRecord(t, t + d, "decode", 4, 0, 0, 4, 0, 400))
+            t += d
+        return out
+
+    step = CM.decode_time(4, 400)
+    stalled = [step] * 300
+    stalled[150] *= 200
+    _, cal = calibrate(CM, recs(stalled))
+    assert cal.decode_scale == pytest.approx(1.0) and cal.measured_s["decode"] > 1.6 * cal.predicted_s["decode"]
+    _, cal = calibrate(CM, recs([1.3 * step] * 300))
+    assert cal.decode_scale == pytest.approx(1.3)
+    _, cal = calibrate(CM, recs([1.3 * step] * 10))            # too few for blocks: the plain ratio
+    assert cal.decode_scale == pytest.approx(1.3) and cal.prefill_scale == 1.0

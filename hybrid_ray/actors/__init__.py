@@ -1,4 +1,4 @@
-"""Ray actors of the runtime: ReplicaActor, ControllerActor, PlannerActor (the only Ray code besides runtime.py).
+"""Ray actors of the runtime: ReplicaActor, ControllerActor, PlannerActor and the driver: the only Ray code.
 
 Each actor is a plain class that holds pure objects (``ReplicaState``, the scheduler's policy,
 router and controller) and only adds messaging and real time; ``remote_class`` turns it into a

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from ..config import ClusterSpec, load_cluster
+from ..config import load_cluster
 from ..inputs import load_inputs
 from ..jsonout import write_json
 from ..planner.binpack import pack

@@ -487,7 +487,7 @@ class _Model:
 
 
 def _build(w: np.ndarray, s: np.ndarray, lb: float) -> _Model:
-    n, m = w.size, s.size
+    m = s.size
     pos = np.flatnonzero(w > 0)
     zero = np.flatnonzero(w <= 0)
     activity_cap = _MAX_ACTIVITY / (math.fsum(s.tolist()) / float(s.min()))
