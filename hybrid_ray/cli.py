@@ -111,6 +111,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """`hybrid-ray run`: the same policies on Ray actors, emulated or real engines (hybrid_ray/runtime.py)."""
+    from .actors.session import describe_address
     from .metrics import format_summary
     from .runtime import RunOptions, run
 
@@ -122,7 +123,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                       connect_timeout_s=args.connect_timeout, progress=not args.no_progress)
     opts.engine, opts.model, opts.device = args.engine, args.model, args.device
     print(f"running {args.workload} on {args.config} with policy {args.policy} on Ray "
-          f"({args.address or 'local'})", flush=True)
+          f"({describe_address(args.address)})", flush=True)
     try:
         res = run(opts)
     except KeyboardInterrupt:

@@ -301,6 +301,18 @@ def test_bad_addresses_fail_fast(ray_session):
     assert time.perf_counter() - t0 < 6
 
 
+def test_inside_a_ray_job_no_address_means_the_jobs_cluster(monkeypatch):
+    from hybrid_ray.actors.session import describe_address, effective_address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert effective_address(None) is None and describe_address(None) == "local"
+    assert describe_address("auto") == "auto" and describe_address("local") == "local"
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")          # what `ray job submit` sets for the entrypoint
+    assert effective_address(None) == "auto" and effective_address("") == "auto"
+    assert describe_address(None) == "the job's cluster via RAY_ADDRESS"
+    assert effective_address("10.0.0.1:6379") == "10.0.0.1:6379"   # an explicit address wins
+
+
 @pytest.mark.ray
 def test_address_that_is_not_ray_times_out(tmp_path):
     """A port that accepts TCP but is no Ray GCS: a clear error after --connect-timeout, not a hang."""

@@ -29,6 +29,21 @@ def _split_host_port(address: str) -> tuple[str, int]:
         raise RuntimeSetupError(f"--address {address!r}: port {port!r} is not a number") from None
 
 
+def effective_address(address: str | None) -> str | None:
+    """No address inside a Ray job (``RAY_ADDRESS`` set, as `ray job submit` does) means the job's cluster."""
+    if address in (None, "") and os.environ.get("RAY_ADDRESS"):
+        return "auto"
+    return address
+
+
+def describe_address(address: str | None) -> str:
+    """Where a run goes, for its first line."""
+    eff = effective_address(address)
+    if eff in (None, "", "local"):
+        return "local"
+    return "the job's cluster via RAY_ADDRESS" if eff != address else eff
+
+
 def connect_ray(address: str | None, num_cpus: int | None = None, timeout_s: float = 15.0) -> bool:
     """Start a local Ray (address None/"local") or connect; True if this call initialised Ray.
 
@@ -38,8 +53,7 @@ def connect_ray(address: str | None, num_cpus: int | None = None, timeout_s: flo
     """
     import ray
 
-    if address in (None, "") and os.environ.get("RAY_ADDRESS"):
-        address = "auto"                    # inside `ray job submit`: the job's cluster
+    address = effective_address(address)
     local = address in (None, "", "local")
     if not local and address.startswith(("http://", "https://")):
         raise RuntimeSetupError(
