@@ -135,7 +135,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"nothing to run: all {res.skipped} requests are already in {res.output}")
         return 0
     print(format_summary(res.summary))
-    rows = [("wall time", f"{res.wall_s:.2f} s (run {res.run_wall_s:.2f} s at time_scale {res.time_scale:g})"),
+    rows = [("engine", res.engine),
+            ("wall time", f"{res.wall_s:.2f} s (run {res.run_wall_s:.2f} s at time_scale {res.time_scale:g})"),
             ("failed replicas / requeued", f"{len(res.failed_replicas)}"
              + (f" ({', '.join(res.failed_replicas)})" if res.failed_replicas else "") + f" / {res.requeued}"),
             ("controller decision p99", f"{1e3 * res.controller_decision_p99_s:.3f} ms"),

@@ -74,6 +74,24 @@ class ReplicaSpec:
     group: ReplicaGroupSpec
 
 
+ENGINE_KINDS = ("emulated", "transformers", "vllm")     # = engines.ENGINES (tested), kept here: no import
+
+
+@dataclass(frozen=True, slots=True)
+class EngineChoice:
+    """The engine a config's replicas run under ``hybrid-ray run`` unless ``--engine`` says otherwise.
+
+    A topology of real CPU replicas of a small model (``cpu_tiny.yaml``) names its model here, so
+    ``run --config`` runs it for real; ``simulate`` and ``plan`` ignore it.
+    """
+    kind: str = "emulated"
+    model: str | None = None      # real engines: a preset or a local model directory
+    device: str = "cpu"
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in (("kind", self.kind), ("model", self.model), ("device", self.device)) if v}
+
+
 @dataclass(frozen=True, slots=True)
 class ClusterSpec:
     name: str
@@ -81,6 +99,7 @@ class ClusterSpec:
     time_scale: float = 1.0          # emulated engine: real seconds slept per modelled second
     source: str = "<memory>"         # file it came from, for messages
     policy: dict = field(default_factory=dict)   # policy knobs by policy name (validated by policies)
+    engine: EngineChoice | None = None           # `run`'s default engine (None: emulated)
 
     def replicas(self) -> list[ReplicaSpec]:
         # Names cannot collide: group names are unique and the suffix after the last '-' is digits.
@@ -105,6 +124,7 @@ class ClusterSpec:
             "time_scale": self.time_scale,
             "groups": [g.to_dict() for g in self.groups],
             "policy": copy.deepcopy(self.policy),
+            **({"engine": self.engine.to_dict()} if self.engine is not None else {}),
         }
 
 
@@ -348,7 +368,8 @@ def _req_mapping(m: Mapping, key: str, path: str, allowed: Iterable[str] | None 
 # The schema
 # ---------------------------------------------------------------------------------------------
 
-_TOP_KEYS = ("name", "time_scale", "groups", "policy")
+_TOP_KEYS = ("name", "time_scale", "groups", "policy", "engine")
+_ENGINE_KEYS = ("kind", "model", "device")
 _GROUP_KEYS = ("name", "count", "max_batch_size", "kv_capacity_tokens", "max_batched_tokens",
                "resources", "cost_model")
 _COST_KEYS = ("prefill", "decode")
@@ -374,7 +395,19 @@ def _parse_cluster(data: object, source: str) -> ClusterSpec:
             raise _Invalid(f"groups[{i}].name", f"duplicate group name {g.name!r} (also groups[{seen[g.name]}])")
         seen[g.name] = i
     policy = _get(top, "policy", "", _parse_policy, default={})
-    return ClusterSpec(name=name, groups=groups, time_scale=time_scale, source=source, policy=policy)
+    engine = _get(top, "engine", "", _parse_engine, default=None)
+    return ClusterSpec(name=name, groups=groups, time_scale=time_scale, source=source, policy=policy, engine=engine)
+
+
+def _parse_engine(value: object, path: str) -> EngineChoice:
+    e = _as_mapping(value, path, _ENGINE_KEYS)
+    kind = _get(e, "kind", path, _as_str)
+    if kind not in ENGINE_KINDS:
+        close = difflib.get_close_matches(kind, ENGINE_KINDS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise _Invalid(_join(path, "kind"), f"unknown engine {kind!r}{hint}; choose from {', '.join(ENGINE_KINDS)}")
+    return EngineChoice(kind, _get(e, "model", path, _as_str, default=None),
+                        _get(e, "device", path, _as_str, default="cpu"))
 
 
 def _parse_group(value: object, path: str) -> ReplicaGroupSpec:

@@ -178,18 +178,20 @@ def write_profile(points: list[ProfilePoint], path: str | Path, model: str, laye
 # ---------------------------------------------------------------------------------------------
 
 def add_engine_options(p, profile: bool = False) -> None:
-    """``--engine`` / ``--model`` / ``--device``; ``run`` defaults to the emulated engine."""
+    """``--engine`` / ``--model`` / ``--device``; ``run`` defaults to the config's ``engine:``, else emulated."""
     from .engines import ENGINES
 
     kinds = ["transformers"] if profile else list(ENGINES)
-    p.add_argument("--engine", default=kinds[0], choices=kinds,
+    default = "transformers" if profile else "the config's engine: if it has one, else emulated"
+    p.add_argument("--engine", default="transformers" if profile else None, choices=kinds,
                    help="emulated: sleep the cost model's time x time_scale; transformers: run a real model "
                         "([engine] extra); vllm: admission control over vLLM ([vllm] extra, CUDA). Real engines "
-                        f"report measured seconds (time_scale 1) (default: {kinds[0]})")
+                        f"report measured seconds (time_scale 1) (default: {default})")
     p.add_argument("--model", default=None, help="real engines: a preset with random weights (tiny, small, "
                    "llama-7b, llama-13b; overrides like llama-7b:layers=4) or a local model directory "
-                   "(default: tiny)")
-    p.add_argument("--device", default="cpu", help="real engines: cpu or cuda (default: cpu)")
+                   "(default: the config's, else tiny)")
+    p.add_argument("--device", default="cpu" if profile else None,
+                   help="real engines: cpu or cuda (default: the config's, else cpu)")
 
 
 def add_profile_command(sub) -> None:

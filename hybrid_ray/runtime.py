@@ -23,7 +23,7 @@ from .workload import Request
 if TYPE_CHECKING:
     from .actors.driver import Driver
 
-__all__ = ["RunOptions", "RunResult", "run", "prepare", "connect_ray", "RuntimeSetupError", "ReplicasLostError"]
+__all__ = ["RunOptions", "RunResult", "run", "prepare", "resolve_engine", "connect_ray", "RuntimeSetupError", "ReplicasLostError"]
 
 
 @dataclass(slots=True)
@@ -52,9 +52,10 @@ class RunOptions:
     connect_timeout_s: float = 15.0
     startup_timeout_s: float = 60.0       # actors placed and constructed within this
     progress: bool = True
-    engine: str = "emulated"              # emulated | transformers | vllm (real engines: time_scale 1)
+    engine: str | None = None             # emulated | transformers | vllm (real engines: time_scale 1);
+                                          # None: the config's `engine:`, else emulated
     model: str | None = None              # real engines: a preset (tiny, llama-7b, ...) or a model directory
-    device: str = "cpu"                   # real engines: cpu | cuda
+    device: str | None = None             # real engines: cpu | cuda (None: the config's, else cpu)
     record_format: Callable[[CompletionRecord], str] | None = None  # output line of a record (OpenAI batch files)
 
 
@@ -78,6 +79,7 @@ class RunResult:
     duplicates_ignored: int = 0
     plan: Any = None
     output: str | None = None
+    engine: str = "emulated"              # what ran the iterations, e.g. "transformers (tiny, cpu)"
 
     def to_dict(self) -> dict:
         """``simulate``'s JSON keys plus the runtime's own."""
@@ -88,15 +90,35 @@ class RunResult:
                     messages=dict(self.messages), messages_per_request=self.messages_per_request,
                     max_lag_s=self.max_lag_s, late_adds=self.late_adds, late_mean_s=self.late_mean_s,
                     late_max_s=self.late_max_s, resumed_skipped=self.skipped,
-                    duplicates_ignored=self.duplicates_ignored, output=self.output)
+                    duplicates_ignored=self.duplicates_ignored, output=self.output, engine=self.engine)
         return data
 
 
-def prepare(opts: RunOptions, cluster: ClusterSpec | None = None,
-            requests: list[Request] | None = None) -> tuple[ClusterSpec, list[Request], int, str | None]:
-    """Inputs for a run: (cluster with time_scale applied, requests still to run, skipped, output path)."""
+def engine_label(opts: RunOptions) -> str:
+    """``emulated`` or ``transformers (tiny, cpu)``: what runs the iterations (after ``resolve_engine``)."""
+    if opts.engine in (None, "emulated"):
+        return "emulated"
+    return f"{opts.engine} ({opts.model or 'tiny'}, {opts.device or 'cpu'})"
+
+
+def resolve_engine(opts: RunOptions, cluster: ClusterSpec) -> RunOptions:
+    """``--engine`` wins, else the config's ``engine:``, else emulated; model and device fall back to the
+    config's when it names the same engine kind."""
+    ce = cluster.engine
+    kind = opts.engine or (ce.kind if ce is not None else "emulated")
+    same = ce is not None and ce.kind == kind
+    return replace(opts, engine=kind,
+                   model=opts.model if opts.model is not None else (ce.model if same else None),
+                   device=opts.device if opts.device is not None else (ce.device if same else "cpu"))
+
+
+def prepare(opts: RunOptions, cluster: ClusterSpec | None = None, requests: list[Request] | None = None
+            ) -> tuple[RunOptions, ClusterSpec, list[Request], int]:
+    """Inputs for a run: (options with the engine and output resolved, cluster with time_scale applied,
+    requests still to run, requests skipped)."""
     if cluster is None or requests is None:
         cluster, requests = load_inputs(opts.config, opts.workload, opts.limit, opts.seed)
+    opts = resolve_engine(opts, cluster)
     if opts.time_scale is not None:
         if not opts.time_scale > 0:
             raise RuntimeSetupError(f"--time-scale must be > 0, got {opts.time_scale}")
@@ -124,7 +146,7 @@ def prepare(opts: RunOptions, cluster: ClusterSpec | None = None,
     elif output and Path(output).exists() and Path(output).stat().st_size > 0:
         raise RuntimeSetupError(f"--output {output} already exists; pass --resume {output} to continue that run, "
                                 f"or choose another file")
-    return cluster, requests, skipped, output
+    return replace(opts, output=output), cluster, requests, skipped
 
 
 def run(opts: RunOptions, hook: Callable[[Driver], None] | None = None, *, cluster: ClusterSpec | None = None,
@@ -137,11 +159,10 @@ def run(opts: RunOptions, hook: Callable[[Driver], None] | None = None, *, clust
     t0 = time.perf_counter()
     from .openai_batch import prepare_batch_run   # an OpenAI batch workload: -o is the resume file
     opts, cluster, requests = prepare_batch_run(opts, cluster, requests)
-    cluster, todo, skipped, output = prepare(opts, cluster, requests)
-    opts = replace(opts, output=output)
+    opts, cluster, todo, skipped = prepare(opts, cluster, requests)
     if not todo:
         return RunResult(None, None, time.perf_counter() - t0, 0.0, cluster.time_scale, skipped=skipped,
-                         output=output)
+                         output=opts.output, engine=engine_label(opts))
     from .actors.driver import Driver
 
     return Driver(opts, cluster, todo, scheduler=scheduler, hook=hook, skipped=skipped).run()

@@ -189,7 +189,7 @@ def _rename(path: str, old: str, new: str):
 
 BAD_CASES = {
     "unknown top-level key": (_rename("", "groups", "grups"),
-                              ["unknown top-level key 'grups'", "did you mean 'groups'?", "allowed: groups, name"]),
+                              ["unknown top-level key 'grups'", "did you mean 'groups'?", "allowed: engine, groups, name"]),
     "unknown group key": (_rename("groups.0", "max_batch_size", "max_batchsize"),
                           ["groups[0]: unknown key 'max_batchsize'", "(did you mean 'max_batch_size'?)",
                            "allowed: cost_model, count, kv_capacity_tokens"]),
@@ -239,6 +239,11 @@ BAD_CASES = {
     "policy not a mapping": (_set("policy", ["hybrid"]), ["policy: expected a mapping, got a list"]),
     "policy knobs not a mapping": (_set("policy", {"hybrid": 3}), ["policy.hybrid: expected a mapping, got 3"]),
     "name not a string": (_set("name", 5), ["name: expected a non-empty string, got 5"]),
+    "engine kind typo": (_set("engine", {"kind": "transformer", "model": "tiny"}),
+                         ["engine.kind: unknown engine 'transformer' (did you mean 'transformers'?)"]),
+    "engine key typo": (_set("engine", {"kind": "transformers", "modle": "tiny"}),
+                        ["engine: unknown key 'modle' (did you mean 'model'?)"]),
+    "engine without kind": (_set("engine", {"model": "tiny"}), ["engine: missing required key 'kind'"]),
 }
 
 
@@ -307,3 +312,18 @@ def test_bundled_fallback_without_installed_package(monkeypatch):
     assert config._bundled_dir() == CONFIG_DIR
     assert set(EXPECTED) <= set(list_bundled_configs())
     assert load_cluster("local").source == str(CONFIG_DIR / "local.yaml")
+
+
+def test_engine_choice_parses_round_trips_and_matches_the_engines():
+    from hybrid_ray.config import ENGINE_KINDS, EngineChoice
+    from hybrid_ray.engines import ENGINES
+
+    assert ENGINE_KINDS == ENGINES
+    data = _valid()
+    assert parse_cluster(data, "x.yaml").engine is None and "engine" not in parse_cluster(data, "x").to_dict()
+    data["engine"] = {"kind": "transformers", "model": "tiny"}
+    c = parse_cluster(data, "x.yaml")
+    assert c.engine == EngineChoice("transformers", "tiny", "cpu")
+    assert parse_cluster(c.to_dict(), "y.yaml").engine == c.engine
+    assert c.with_cost_model(c.groups[0].cost_model).engine == c.engine
+    assert load_cluster("cpu_tiny").engine == EngineChoice("transformers", "tiny", "cpu")

@@ -117,10 +117,10 @@ def test_calibrated_model_predicts_a_ray_run_within_15_percent(ray_session, fitt
     cluster, requests = load_inputs("cpu_tiny", "gsm8k", 64)
     cluster = cluster.with_cost_model(cost)
     reals = []
-    for k in range(FIDELITY_RUNS):
-        res = run(RunOptions(engine="transformers", model="tiny", progress=False,
-                             output=str(tmp_path / f"r{k}.jsonl")), cluster=cluster, requests=requests)
-        assert res.summary.requests_completed == 64 and res.time_scale == 1.0
+    for k in range(FIDELITY_RUNS):      # no --engine: cpu_tiny.yaml's engine: {kind: transformers, model: tiny}
+        res = run(RunOptions(progress=False, output=str(tmp_path / f"r{k}.jsonl")), cluster=cluster,
+                  requests=requests)
+        assert res.summary.requests_completed == 64 and res.engine == "transformers (tiny, cpu)"
         assert sum(s.generated for s in res.record.sequences) == sum(q.output_tokens for q in requests)
         reals.append(res.summary.makespan_s)
     assert 0.85 < _makespan_ratio(reals, cluster, requests) < 1.15

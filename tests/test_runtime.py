@@ -313,6 +313,26 @@ def test_inside_a_ray_job_no_address_means_the_jobs_cluster(monkeypatch):
     assert effective_address("10.0.0.1:6379") == "10.0.0.1:6379"   # an explicit address wins
 
 
+def test_engine_comes_from_the_flag_else_the_config_else_emulated():
+    from dataclasses import replace
+
+    from hybrid_ray.config import EngineChoice, load_cluster
+    from hybrid_ray.runtime import engine_label, resolve_engine
+
+    local, tiny = load_cluster("local"), load_cluster("cpu_tiny")
+    r = resolve_engine(RunOptions(), local)
+    assert (r.engine, r.model, r.device, engine_label(r)) == ("emulated", None, "cpu", "emulated")
+    r = resolve_engine(RunOptions(), tiny)
+    assert (r.engine, r.model, r.device, engine_label(r)) == ("transformers", "tiny", "cpu", "transformers (tiny, cpu)")
+    r = resolve_engine(RunOptions(engine="emulated"), tiny)                    # the flag wins
+    assert (r.engine, r.model) == ("emulated", None)
+    r = resolve_engine(RunOptions(model="small"), tiny)                        # per-field override
+    assert (r.engine, r.model, r.device) == ("transformers", "small", "cpu")
+    gpu = replace(tiny, engine=EngineChoice("transformers", "llama-7b", "cuda"))
+    r = resolve_engine(RunOptions(engine="vllm", model="/m"), gpu)             # another kind: not the config's
+    assert (r.engine, r.model, r.device) == ("vllm", "/m", "cpu")
+
+
 @pytest.mark.ray
 def test_address_that_is_not_ray_times_out(tmp_path):
     """A port that accepts TCP but is no Ray GCS: a clear error after --connect-timeout, not a hang."""

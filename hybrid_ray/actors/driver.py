@@ -27,7 +27,7 @@ from ..errors import HybridRayError, ReplicasLostError, RuntimeSetupError
 from ..progress import Progress
 from ..replica import FINISHED, LoadReport, ReplicaState, Sequence
 from ..results import CompletionRecord, ResultsWriter
-from ..runtime import RunOptions, RunResult
+from ..runtime import RunOptions, RunResult, engine_label
 from ..workload import Request
 from .session import actor_options, check_resources, connect_ray, describe_resources, group_resources, local_cpus
 
@@ -423,7 +423,7 @@ class Driver:
             messages=dict(messages), messages_per_request=total_msgs / max(self.total, 1),
             max_lag_s=max(self.behind, default=0.0), late_adds=late, late_mean_s=late_sum / late if late else 0.0,
             late_max_s=max((st.late_max_s for st in self.replica_stats), default=0.0), skipped=self.skipped, duplicates_ignored=self.duplicates,
-            plan=self.plan, output=self.opts.output)
+            plan=self.plan, output=self.opts.output, engine=engine_label(self.opts))
 
     # -- helpers ------------------------------------------------------------------------------------
     def _await(self, ref, what: str):

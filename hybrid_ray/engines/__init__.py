@@ -45,11 +45,13 @@ def engine_spec(kind: str, model: str | None = None, device: str = "cpu", seed: 
     if kind == "transformers":
         missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
         if missing:
-            raise EngineSetupError(f"--engine transformers needs {' and '.join(missing)}: "
-                                   f"pip install torch==2.13.0 && pip install -e '.[engine]'")
+            raise EngineSetupError(f"the transformers engine (--engine, or the config's engine:) needs "
+                                   f"{' and '.join(missing)}: pip install torch==2.13.0 && pip install -e '.[engine]'"
+                                   f"; or pass --engine emulated to emulate the replicas with the cost model")
         check_model(model or "tiny")
     elif importlib.util.find_spec("vllm") is None:
-        raise EngineSetupError("--engine vllm needs vLLM (CUDA): pip install -e '.[vllm]'")
+        raise EngineSetupError("the vllm engine (--engine, or the config's engine:) needs vLLM (CUDA): "
+                               "pip install -e '.[vllm]'; or pass --engine emulated")
     threads = max(1, int(cpus)) if cpus and not device.startswith("cuda") else None
     return dict(kind=kind, model=model, device=device, seed=seed, threads=threads)
 
