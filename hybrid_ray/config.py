@@ -318,6 +318,12 @@ def _as_list(value: object, path: str) -> list:
     return value
 
 
+def _did_you_mean(value: object, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest choice, or nothing."""
+    close = difflib.get_close_matches(str(value), list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _as_mapping(value: object, path: str, allowed: Iterable[str] | None = None) -> dict:
     """A mapping; with ``allowed``, unknown keys are rejected with a did-you-mean suggestion."""
     if not isinstance(value, Mapping):
@@ -326,10 +332,8 @@ def _as_mapping(value: object, path: str, allowed: Iterable[str] | None = None) 
         allowed = sorted(allowed)
         for key in value:
             if key not in allowed:
-                close = difflib.get_close_matches(str(key), allowed, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
                 label = "unknown key" if path else "unknown top-level key"
-                raise _Invalid(path, f"{label} {key!r}{hint}; allowed: {', '.join(allowed)}")
+                raise _Invalid(path, f"{label} {key!r}{_did_you_mean(key, allowed)}; allowed: {', '.join(allowed)}")
     return dict(value)
 
 
@@ -403,9 +407,8 @@ def _parse_engine(value: object, path: str) -> EngineChoice:
     e = _as_mapping(value, path, _ENGINE_KEYS)
     kind = _get(e, "kind", path, _as_str)
     if kind not in ENGINE_KINDS:
-        close = difflib.get_close_matches(kind, ENGINE_KINDS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise _Invalid(_join(path, "kind"), f"unknown engine {kind!r}{hint}; choose from {', '.join(ENGINE_KINDS)}")
+        raise _Invalid(_join(path, "kind"), f"unknown engine {kind!r}{_did_you_mean(kind, ENGINE_KINDS)}; "
+                                            f"choose from {', '.join(ENGINE_KINDS)}")
     return EngineChoice(kind, _get(e, "model", path, _as_str, default=None),
                         _get(e, "device", path, _as_str, default="cpu"))
 

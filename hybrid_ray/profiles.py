@@ -200,10 +200,12 @@ def _level(measured: list[float], predicted: list[float]) -> float:
     the ratio is the median of the blocks' ratios. A stall or a burst of another process's work
     inflates a block or two, not the median; with few iterations it is the plain ratio of sums.
     """
-    total = sum(predicted)
+    total, spent = sum(predicted), sum(measured)
+    if total <= 0 or spent <= 0:
+        return 1.0
     k = max(1, min(CALIBRATION_BLOCKS, len(measured) // MIN_BLOCK_ITERATIONS))
-    if total <= 0 or k == 1:
-        return sum(measured) / total if total > 0 and sum(measured) > 0 else 1.0
+    if k == 1:
+        return spent / total
     ratios, m, p, edge = [], 0.0, 0.0, total / k
     for mi, pi in zip(measured, predicted):
         m, p = m + mi, p + pi
@@ -225,15 +227,15 @@ def calibrate(cost: CostModel, records) -> tuple[CostModel, Calibration]:
     makespan is (``_level``). Mixed iterations are left out of the factors (they blend both).
     ``records`` are ``IterationRecord``s in run order, e.g. every replica's of a ``hybrid-ray run``.
     """
-    n: dict[str, int] = defaultdict(int)
     measured: dict[str, list[float]] = defaultdict(list)
     predicted: dict[str, list[float]] = defaultdict(list)
     for r in records:
-        n[r.kind] += 1
         measured[r.kind].append(r.end_s - r.start_s)
         predicted[r.kind].append(r.predicted_s(cost))
-    if not n:
+    if not measured:
         raise WorkloadError("calibration: the replay ran no iterations")
     pre, dec = _level(measured["prefill"], predicted["prefill"]), _level(measured["decode"], predicted["decode"])
-    return cost.scaled(pre, dec), Calibration(dict(n), {k: sum(v) for k, v in measured.items()},
-                                              {k: sum(v) for k, v in predicted.items()}, pre, dec)
+    kinds = [k for k in measured if measured[k]]
+    return cost.scaled(pre, dec), Calibration({k: len(measured[k]) for k in kinds},
+                                              {k: sum(measured[k]) for k in kinds},
+                                              {k: sum(predicted[k]) for k in kinds}, pre, dec)

@@ -233,12 +233,12 @@ def cmd_profile(args) -> int:
     import re
     import time
 
-    from .engines import make_engine
+    from .engines import DEFAULT_MODEL, make_engine
     from .engines.transformers import check_model
     from .inputs import load_inputs
     from .profiles import cost_model_yaml, fit_cost_model
 
-    model = args.model or "tiny"
+    model = args.model or DEFAULT_MODEL
     check_model(model)
     grid = ProfileGrid(parse_pairs(args.prefill, "--prefill") if args.prefill else DEFAULT_GRID.prefill,
                        parse_pairs(args.decode, "--decode") if args.decode else DEFAULT_GRID.decode,

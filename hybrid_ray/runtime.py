@@ -98,7 +98,9 @@ def engine_label(opts: RunOptions) -> str:
     """``emulated`` or ``transformers (tiny, cpu)``: what runs the iterations (after ``resolve_engine``)."""
     if opts.engine in (None, "emulated"):
         return "emulated"
-    return f"{opts.engine} ({opts.model or 'tiny'}, {opts.device or 'cpu'})"
+    from .engines import DEFAULT_MODEL
+
+    return f"{opts.engine} ({opts.model or DEFAULT_MODEL}, {opts.device})"
 
 
 def resolve_engine(opts: RunOptions, cluster: ClusterSpec) -> RunOptions:

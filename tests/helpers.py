@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 from hybrid_ray.config import ClusterSpec, ReplicaGroupSpec
 from hybrid_ray.costmodel import CostModel, DecodeCost, PrefillCost
@@ -15,6 +16,12 @@ def cluster(count: int = 2, max_batch: int = 8, kv: int = 10_000, cost: CostMode
     gs = tuple(ReplicaGroupSpec(f"g{k}", count, max_batch, kv, cost.scaled(1 + k), max_batched_tokens)
                for k in range(groups))
     return ClusterSpec("test", gs)
+
+
+def one_replica(cl: ClusterSpec, cost: CostModel) -> ClusterSpec:
+    """``cl``'s first group, one replica, on ``cost`` (in-process replays and fidelity checks)."""
+    cl = cl.with_cost_model(cost)
+    return replace(cl, groups=(replace(cl.groups[0], count=1),))
 
 
 def random_cluster(rng: random.Random, min_kv: int) -> ClusterSpec:

@@ -61,15 +61,14 @@ def test_shipped_paper_config_matches_fit():
 
 def _replay(cost: CostModel, policy: str):
     """A simulated replay whose 'measured' iteration times are ``cost``'s (one replica, GSM8K 64)."""
-    from dataclasses import replace
-
     from hybrid_ray.inputs import load_inputs
     from hybrid_ray.policies import build_scheduler
     from hybrid_ray.simulator import simulate
 
+    from helpers import one_replica
+
     cl, reqs = load_inputs("cpu_tiny", "gsm8k", 64, seed=3)
-    cl = cl.with_cost_model(cost)
-    cl = replace(cl, groups=(replace(cl.groups[0], count=1),))
+    cl = one_replica(cl, cost)
     rec = simulate(cl, build_scheduler(policy, cl, reqs), reqs)
     return [r for st in rec.replicas for r in st.records]
 

@@ -6,7 +6,6 @@ slower or faster CI host changes both sides alike.
 from __future__ import annotations
 
 import re
-from dataclasses import replace
 
 import pytest
 
@@ -23,6 +22,8 @@ from hybrid_ray.profiling import (DEFAULT_GRID, ProfileGrid, calibrate_on_run, p
 from hybrid_ray.runtime import RunOptions, run                       # noqa: E402
 from hybrid_ray.simulator import simulate                            # noqa: E402
 
+from helpers import one_replica                                      # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def engine():
@@ -34,11 +35,6 @@ def fitted(engine):
     """The tiny model's cost model, profiled here with the default grid."""
     cost, report = fit_cost_model(profile_engine(engine, DEFAULT_GRID))
     return cost, report
-
-
-def _with_cost(cluster, cost, count=None):
-    g = cluster.groups[0]
-    return replace(cluster, groups=(replace(g, cost_model=cost, count=count or g.count),))
 
 
 def test_profile_points_round_trip_through_the_csv(engine, tmp_path):
@@ -89,13 +85,13 @@ def test_calibrated_model_predicts_one_real_replica_within_15_percent(engine, fi
     The grid's model is calibrated on a different sample (128, seed 1) replayed the same way, then
     predicts the first 64. The grid alone ran 13-26 % fast here (docs/engines.md, Fidelity).
     """
-    one = _with_cost(load_inputs("cpu_tiny", "gsm8k", 1)[0], fitted[0], count=1)
+    one = one_replica(load_inputs("cpu_tiny", "gsm8k", 1)[0], fitted[0])
     _, calib = load_inputs("cpu_tiny", "gsm8k", 128, seed=1)
     cost, cal = calibrate(fitted[0], replay_records([run_replica(engine, one, calib)]))
     assert cal.decode_scale > 0.9 and cal.iterations["decode"] > 1000
     cluster, requests = load_inputs("cpu_tiny", "gsm8k", 64)
     assert len({q.id for q in requests} & {q.id for q in calib}) < 16     # mostly held-out requests
-    cluster = _with_cost(cluster, cost, count=1)
+    cluster = one_replica(cluster, cost)
     reals = []
     for _ in range(FIDELITY_RUNS):
         state = run_replica(engine, cluster, requests)

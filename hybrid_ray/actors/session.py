@@ -29,6 +29,10 @@ def _split_host_port(address: str) -> tuple[str, int]:
         raise RuntimeSetupError(f"--address {address!r}: port {port!r} is not a number") from None
 
 
+def _is_local(address: str | None) -> bool:
+    return address in (None, "", "local")
+
+
 def effective_address(address: str | None) -> str | None:
     """No address inside a Ray job (``RAY_ADDRESS`` set, as `ray job submit` does) means the job's cluster."""
     if address in (None, "") and os.environ.get("RAY_ADDRESS"):
@@ -39,7 +43,7 @@ def effective_address(address: str | None) -> str | None:
 def describe_address(address: str | None) -> str:
     """Where a run goes, for its first line."""
     eff = effective_address(address)
-    if eff in (None, "", "local"):
+    if _is_local(eff):
         return "local"
     return "the job's cluster via RAY_ADDRESS" if eff != address else eff
 
@@ -54,7 +58,7 @@ def connect_ray(address: str | None, num_cpus: int | None = None, timeout_s: flo
     import ray
 
     address = effective_address(address)
-    local = address in (None, "", "local")
+    local = _is_local(address)
     if not local and address.startswith(("http://", "https://")):
         raise RuntimeSetupError(
             f"--address {address}: that is a dashboard / job-submission address; submit with "

@@ -7,6 +7,7 @@ from .base import Engine, EngineResult
 from .emulated import EmulatedEngine
 
 ENGINES = ("emulated", "transformers", "vllm")
+DEFAULT_MODEL = "tiny"          # the transformers engine's model when none is named (a random-weight preset)
 
 
 def make_engine(kind: str = "emulated", *, time_scale: float = 1.0, model: str | None = None, device: str = "cpu",
@@ -20,7 +21,7 @@ def make_engine(kind: str = "emulated", *, time_scale: float = 1.0, model: str |
         return EmulatedEngine(time_scale)
     if kind == "transformers":
         from .transformers import TransformersEngine
-        return TransformersEngine(model or "tiny", device=device, seed=seed, dtype=dtype, threads=threads)
+        return TransformersEngine(model or DEFAULT_MODEL, device=device, seed=seed, dtype=dtype, threads=threads)
     if kind == "vllm":
         from .vllm import VLLMEngine
         if not model:
@@ -48,7 +49,7 @@ def engine_spec(kind: str, model: str | None = None, device: str = "cpu", seed: 
             raise EngineSetupError(f"the transformers engine (--engine, or the config's engine:) needs "
                                    f"{' and '.join(missing)}: pip install torch==2.13.0 && pip install -e '.[engine]'"
                                    f"; or pass --engine emulated to emulate the replicas with the cost model")
-        check_model(model or "tiny")
+        check_model(model or DEFAULT_MODEL)
     elif importlib.util.find_spec("vllm") is None:
         raise EngineSetupError("the vllm engine (--engine, or the config's engine:) needs vLLM (CUDA): "
                                "pip install -e '.[vllm]'; or pass --engine emulated")
@@ -56,4 +57,4 @@ def engine_spec(kind: str, model: str | None = None, device: str = "cpu", seed: 
     return dict(kind=kind, model=model, device=device, seed=seed, threads=threads)
 
 
-__all__ = ["ENGINES", "Engine", "EngineResult", "EmulatedEngine", "engine_spec", "make_engine"]
+__all__ = ["DEFAULT_MODEL", "ENGINES", "Engine", "EngineResult", "EmulatedEngine", "engine_spec", "make_engine"]
