@@ -143,30 +143,30 @@ class LagrangianPolicy:
         finishing = [0] * (horizon + 1)           # finishing[i]: predicted to finish after i+1 steps
         step = r.step
         for s in r.running.values():
-            rem = s.predicted_output - (s.generated + step - s.synced_step)
-            if rem < 1:
-                rem = 1
+            rem = s.predicted_output - s.generated + s.synced_step - step
             if rem <= horizon:
-                finishing[rem - 1] += 1
-        waiting = len(r.waiting)
-        extra_queue = r.waiting[k:]               # prompts that could join the later insertion
+                finishing[rem - 1 if rem > 1 else 0] += 1
+        queue = r.waiting                         # prompts past the first k could join a later insertion
+        waiting = len(queue)
         best = float("inf")
         lost = 0.0
         freed = 0
-        q = 0
+        last_kj = k
         for j in range(1, horizon + 1):
             lost += mu * (k + freed)                  # empty slot-steps of step j
             freed += finishing[j - 1]
             if freed == 0:
                 continue
             kj = min(k + freed, waiting)
-            while q < kj - k and q < len(extra_queue):  # grow the insertion with the next prompts
-                n = extra_queue[q].prefill_target
-                tokens += n
-                attn += n * n
-                q += 1
             if kj <= k:
                 break                                 # no more prompts to gain by waiting
+            if kj == last_kj:
+                continue                              # same insertion, more slot-steps lost: no better
+            for q in range(last_kj, kj):              # grow the insertion with the next prompts
+                n = queue[q].prefill_target
+                tokens += n
+                attn += n * n
+            last_kj = kj
             cost, _ = self._insert_cost(r, tokens, attn, t_d)
             per = (cost + lost) / kj
             if per < best:
