@@ -1,4 +1,4 @@
-"""`hybrid-ray` command line: simulate | plan | run | bench | fit-cost-model.
+"""`hybrid-ray` command line: simulate | plan | run | bench | fit-cost-model | profile | make-model.
 
 User errors (bad YAML, bad workload, impossible request) print one clear line and exit 2.
 """
@@ -31,10 +31,14 @@ def _add_inputs(p: argparse.ArgumentParser) -> None:
 
 
 def _add_policy_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lengths", default="oracle", choices=["oracle", "quantile"],
-                   help="output lengths the planned policies (offline, hybrid) may use: oracle = known in advance "
-                        "(the paper's setting); quantile = predicted from a seeded 10%% history sample "
-                        "(default: oracle)")
+    p.add_argument("--lengths", default="oracle", choices=["oracle", "quantile", "online"],
+                   help="output lengths the policies may use: oracle = known in advance (the paper's setting); "
+                        "quantile = predicted from a seeded 10%% history sample (or --history); online = learned "
+                        "from this run's completions by prompt-length bucket and model, queued work re-predicted "
+                        "as they move (default: oracle)")
+    p.add_argument("--history", metavar="FILE", default=None,
+                   help="an earlier run's output (results JSONL or OpenAI batch output) whose prompt/output "
+                        "token counts start --lengths online (and replace quantile's sample)")
     p.add_argument("--time-limit", type=float, default=5.0,
                    help="CP-SAT time limit in seconds for planned policies (default: 5)")
 
@@ -61,8 +65,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print(f"simulating {len(requests)} requests of {args.workload} on {cluster.name} "
           f"({cluster.num_replicas} replicas), policy {args.policy}", flush=True)
     t0 = time.perf_counter()
+    history = None
+    if args.history:
+        from .history import load_history
+        history = load_history(args.history)
     scheduler = build_scheduler(args.policy, cluster, requests, lengths=args.lengths, seed=args.seed or 0,
-                                time_limit_s=args.time_limit)
+                                history=history, time_limit_s=args.time_limit)
     record = simulate(cluster, scheduler, requests)
     summary = summarize(record, lower_bound(cluster, requests).value_s)
     wall = time.perf_counter() - t0
@@ -122,6 +130,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                       plan_time_limit_s=args.time_limit, heartbeat_timeout_s=args.heartbeat_timeout,
                       connect_timeout_s=args.connect_timeout, progress=not args.no_progress)
     opts.engine, opts.model, opts.device = args.engine, args.model, args.device
+    opts.history = args.history
     print(f"running {args.workload} on {args.config} with policy {args.policy} on Ray "
           f"({describe_address(args.address)})", flush=True)
     try:
@@ -172,6 +181,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elif args.which == "decision":
         from .bench.decision import main as decision_main
         decision_main()
+    elif args.which == "baselines":
+        from .bench.baselines import main as baselines_main
+        baselines_main(args.out)
+    elif args.which == "simscale":
+        from .bench.simscale import main as simscale_main
+        simscale_main(args.out)
+    elif args.which == "fidelity":                  # real tiny model on CPU ([engine] extra); --out: JSON
+        from .bench.fidelity import main as fidelity_main
+        fidelity_main(args.out)
+    elif args.which == "vs-vllm":
+        from .bench.vs_vllm import main as vs_vllm_main
+        vs_vllm_main(["--n", str(args.n), "--out", args.out or "results/vs_vllm.json"]
+                     + (["--model", args.model] if args.model else [])
+                     + (["--replicas", str(args.replicas)] if args.replicas else []))
     return 0
 
 
@@ -187,6 +210,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.scale != 1.0:
         print(f"  coefficients multiplied by {args.scale}")
     print(cost_model_yaml(model, indent=4), end="")
+    return 0
+
+
+def cmd_make_model(args: argparse.Namespace) -> int:
+    """`hybrid-ray make-model DIR`: a tiny LLaMA model directory built offline (engines/tiny_model.py)."""
+    from .engines.tiny_model import build_tiny_model
+
+    print(f"wrote {build_tiny_model(args.dir, seed=args.seed)}")
     return 0
 
 
@@ -271,7 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "results/paper.json and .md). cases: random GSM8K subsets x random topologies, baseline vs offline vs "
                                    "hybrid, mean/min/max improvement and a histogram (writes results/cases.json). "
                                    "decision: latency of one online decision at batch 256 with 1,000 waiting.")
-    b.add_argument("which", choices=["paper", "cases", "perf", "decision", "load"], help="which benchmark")
+    b.add_argument("which", choices=["paper", "cases", "perf", "decision", "load", "baselines", "simscale", "vs-vllm", "fidelity"],
+                   help="which benchmark (vs-vllm: hybrid-ray beside vLLM's scheduler, vllm run_batch and Ray Data "
+                        "LLM on the same CPU replicas; needs vLLM: python -m hybrid_ray.bench.vs_vllm --help)")
+    b.add_argument("--model", default=None, help="vs-vllm: model directory")
+    b.add_argument("--replicas", type=int, default=None, help="vs-vllm: engines, one core each (default 2)")
     b.add_argument("--n", type=int, default=100, help="cases: how many (default 100)")
     b.add_argument("--seed", type=int, default=0, help="cases: seed of the random cases (default 0)")
     b.add_argument("--out", default=None, help="paper: output folder (default results/); "
@@ -289,6 +324,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--scale", type=float, default=1.0,
                    help="multiply every coefficient (e.g. 1/(TP x efficiency) for a one-GPU-equivalent profile)")
     f.set_defaults(func=cmd_fit)
+    mm = sub.add_parser("make-model", help="write a tiny LLaMA model directory (real tokenizer and chat template, "
+                                           "random weights) for --engine transformers|vllm; nothing is downloaded",
+                        description="Build a tiny LLaMA model directory offline: a byte-level BPE tokenizer trained "
+                                    "on the bundled GSM8K text, a chat template and seeded random weights (EOS "
+                                    "boosted so some greedy requests stop early). Loads with transformers and vLLM. "
+                                    "An existing directory built with the same arguments is kept.")
+    mm.add_argument("dir", help="directory to write (new or empty)")
+    mm.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    mm.set_defaults(func=cmd_make_model)
     add_profile_command(sub)
     return p
 

@@ -33,3 +33,7 @@ class ReplicasLostError(HybridRayError):
         super().__init__(message)
         self.unfinished = unfinished
         self.path = path
+
+
+class HistoryError(HybridRayError):
+    """A ``--history`` file is missing or malformed; the message names the file."""

@@ -11,6 +11,12 @@ replicas):
 * ``utilization_slots`` = time-weighted batch occupancy / (sum of max_batch_size * T): how full
   the batches were. It also counts iterations in which running sequences wait for a prefill,
   so it measures memory/slot use rather than useful work.
+
+Prediction error: each request's output-length prediction when it was first scheduled
+(``Sequence.predicted_first``) against its true length (``generated`` at the finish): the mean
+absolute error and Spearman's rank correlation (what sorting and packing depend on); and the same
+for the prediction it started with (``predicted_output`` at the finish: an online predictor
+re-predicts queued work, so for a batch all present at t=0 this is where its learning shows).
 """
 from __future__ import annotations
 
@@ -47,6 +53,11 @@ class Summary:
     replica_finish_s: dict
     lower_bound_s: float | None = None
     gap: float | None = None
+    length_predictor: str = ""                 # oracle | quantile | online
+    prediction_mae: float | None = None        # mean |first prediction - true output| (tokens)
+    prediction_spearman: float | None = None   # rank correlation of first predictions and true outputs
+    prediction_mae_start: float | None = None  # the same for the prediction each request started with
+    prediction_spearman_start: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,13 +67,47 @@ def _pct(values: np.ndarray, q: float) -> float:
     return float(np.percentile(values, q)) if len(values) else 0.0
 
 
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``x``; tied values share the average of their ranks."""
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])           # first index of each run of ties
+    ends = np.r_[starts[1:], len(xs)]
+    mean_rank = (starts + ends + 1) / 2.0                             # average of ranks starts+1 .. ends
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.repeat(mean_rank, ends - starts)
+    return ranks
+
+
+def spearman(a, b) -> float | None:
+    """Spearman's rank correlation (average ranks for ties); None when either side is constant."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) < 2:
+        return None
+    ra, rb = average_ranks(a) - (len(a) + 1) / 2.0, average_ranks(b) - (len(b) + 1) / 2.0
+    den = float(np.sqrt((ra * ra).sum() * (rb * rb).sum()))
+    return float((ra * rb).sum()) / den if den > 0 else None
+
+
+def prediction_error(seqs, at_start: bool = False) -> tuple[float | None, float | None]:
+    """(MAE, Spearman) of finished sequences' first predictions (``at_start``: the predictions they
+    started with) against their true output lengths."""
+    pairs = [(s.predicted_output if at_start else s.predicted_first, s.generated) for s in seqs
+             if s.finish_s >= 0 and s.predicted_first >= 0]
+    if not pairs:
+        return None, None
+    pred, true = np.array(pairs, dtype=np.float64).T
+    return float(np.abs(pred - true).mean()), spearman(pred, true)
+
+
 def summarize(rec: RunRecord, lower_bound_s: float | None = None) -> Summary:
     seqs = rec.sequences
     done = [s for s in seqs if s.finish_s >= 0]
     arrival = np.array([s.req.arrival_s for s in done])
     first = np.array([s.first_token_s for s in done])
     finish = np.array([s.finish_s for s in done])
-    out = np.array([s.req.output_tokens for s in done])
+    out = np.array([s.generated for s in done])            # true lengths, learned at the finish
     t0 = float(arrival.min()) if len(done) else 0.0
     makespan = float(finish.max()) - t0 if len(done) else 0.0
     multi = out > 1
@@ -74,6 +119,8 @@ def summarize(rec: RunRecord, lower_bound_s: float | None = None) -> Summary:
     gap = None
     if lower_bound_s:
         gap = makespan / lower_bound_s - 1.0
+    mae, rho = prediction_error(done)
+    mae_start, rho_start = prediction_error(done, at_start=True)
     return Summary(
         policy=rec.policy, config=rec.config, requests_total=len(seqs), requests_completed=len(done),
         makespan_s=makespan,
@@ -86,7 +133,9 @@ def summarize(rec: RunRecord, lower_bound_s: float | None = None) -> Summary:
         preemptions=sum(s.preemptions for s in seqs), moves=rec.moves,
         iterations=sum(len(r.records) for r in rec.replicas),
         replica_finish_s={r.name: (r.records[-1].end_s - t0 if r.records else 0.0) for r in rec.replicas},
-        lower_bound_s=lower_bound_s, gap=gap,
+        lower_bound_s=lower_bound_s, gap=gap, length_predictor=str(rec.extra.get("predictor", "")),
+        prediction_mae=mae, prediction_spearman=rho, prediction_mae_start=mae_start,
+        prediction_spearman_start=rho_start,
     )
 
 
@@ -108,6 +157,13 @@ def format_summary(s: Summary) -> str:
         ("E2E p50 / p90 / p99", f"{s.e2e_p50_s:.2f} / {s.e2e_p90_s:.2f} / {s.e2e_p99_s:.2f} s"),
         ("iterations / preemptions / moves", f"{s.iterations} / {s.preemptions} / {s.moves}"),
     ]
+    if s.prediction_mae is not None:
+        def rho(x):
+            return f"{x:.3f}" if x is not None else "-"
+        text = f"MAE {s.prediction_mae:.1f} tokens, rank corr. {rho(s.prediction_spearman)}"
+        if s.prediction_mae_start is not None and s.prediction_mae_start != s.prediction_mae:
+            text += f" (at start: {s.prediction_mae_start:.1f}, {rho(s.prediction_spearman_start)})"
+        rows.append((f"length prediction ({s.length_predictor or '?'})", text))
     fin = sorted(s.replica_finish_s.values())
     if fin:
         rows.append(("replica finish min / max", f"{fin[0]:.2f} / {fin[-1]:.2f} s"))

@@ -9,7 +9,14 @@ Each valid line becomes one ``Request`` whose id is its ``custom_id``, arriving 
 A malformed line is not fatal: it becomes a ``BatchLineError`` (custom_id, or ``line-<n>`` when the
 line has none, an OpenAI-style code and a message) and the rest of the batch runs.
 
-Prompt tokens, first source that applies: the body's ``prompt_token_ids`` (or a ``/v1/completions``
+Real prompts: with a ``PromptEncoder`` (``prompts.py``: a real engine's model directory), each
+line's prompt or chat messages are tokenized by the model's own tokenizer, as vLLM does, and the
+request carries a ``Payload`` (the ids and the line's sampling fields); ``output_tokens`` is then
+the max_tokens bound (capped at the model's context) and the engine decides the true length.
+A prompt that leaves no room in the model's context is a ``context_length_exceeded`` line.
+
+Without an encoder (emulated engine, simulate, plan), prompt tokens, first source that applies:
+the body's ``prompt_token_ids`` (or a ``/v1/completions``
 ``prompt`` given as token ids): their count; an explicit ``prompt_tokens`` field in the body (a
 hybrid-ray extension); the engine's tokenizer (``tokenizer(text) -> int``; the emulated engine has
 none); else an estimate of ``ceil(characters / 4)`` (about 4 characters per token for English text
@@ -22,10 +29,19 @@ OpenAI's is "up to the context length"). The emulated engine and the simulator g
 that many (EOS ignored), unless the body has an explicit ``output_tokens`` (a hybrid-ray extension
 for simulation studies: the true length, capped at the max).
 
+Sampling fields (vLLM's): ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``,
+``presence_penalty``, ``frequency_penalty``, ``ignore_eos``; they are validated for every run, so
+``simulate`` rejects what a real run would. Any other body key but ``model``, ``user`` and our
+extensions is an ``invalid_request`` line (``logprobs``, ``tools``, ``response_format``, ...).
+
 Output: one line per input line, in the OpenAI batch output format (``id``, ``custom_id``,
 ``response`` with ``status_code``, ``request_id``, ``body``; or ``error`` with ``code``, ``message``
 and the input ``line``); success lines also carry our timing in a top-level ``"hybrid_ray"``
-object. See docs/openai_batch.md.
+object. Lines are appended as requests finish and the file is put in input order when the run
+ends (``BatchInput.output_format().finalize``), as ``vllm run_batch`` writes it.
+
+This module is an adapter: the runtime and the driver use it through ``results.OutputFormat`` and
+it imports neither them nor Ray. See docs/openai_batch.md.
 """
 from __future__ import annotations
 
@@ -39,12 +55,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import WorkloadError
-from .results import CompletionRecord, ErrorLine, ResultsError, ResultsFile, ResultsWriter, read_results
+from .errors import RuntimeSetupError, WorkloadError
+from .payload import LENGTH, STOP, Payload, SamplingSpec
+from .results import (CompletionRecord, ErrorLine, OutputFormat, ResultsError, ResultsFile, ResultsWriter,
+                      read_results, replace_file)
 from .workload import BUILTIN_WORKLOADS, Request, _check_limit, _select
 
 if TYPE_CHECKING:
     from .config import ClusterSpec
+    from .prompts import PromptEncoder
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +88,13 @@ CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
 
 Tokenizer = Callable[[str], int]
 
+# body keys: sampling fields we run (vLLM's names and defaults), keys read elsewhere, and keys that
+# change nothing; anything else is rejected (a silent difference from vLLM's output would be worse)
+SAMPLING_KEYS = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+                 "presence_penalty", "frequency_penalty", "ignore_eos")
+BODY_KEYS = frozenset(SAMPLING_KEYS) | {"model", "user", "prompt", "messages", "n", "stream",
+                                       "prompt_token_ids", "prompt_tokens", "output_tokens"}
+
 
 class BatchPath(str):
     """A workload path given with ``-i``: read as an OpenAI batch file, whatever its lines hold."""
@@ -88,9 +114,9 @@ class BatchLine:
     line: int                        # 1-based line number in the file
     url: str
     model: str
-    max_tokens: int                  # the bound on generated tokens (given or default)
+    max_tokens: int                  # the bound on generated tokens (given or default; capped by the context)
     request: Request                 # id = custom_id
-    prompt_source: str               # prompt_token_ids | prompt_tokens | tokenizer | estimate
+    prompt_source: str               # prompt_token_ids | prompt_tokens | tokenizer | estimate | model
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +152,40 @@ class BatchInput:
     lines: dict[str, BatchLine] = field(default_factory=dict)   # by custom_id
     n_lines: int = 0                 # non-blank input lines considered (after --limit)
 
+    def output_format(self) -> OutputFormat:
+        """How a run writes, reads back and finally orders this batch's output file."""
+        return OutputFormat(self.formatter(), parse_output_line, self.reorder)
+
+    def positions(self) -> dict[str, int]:
+        """custom_id -> input line, for every line that has one (valid, or an error keyed by custom_id)."""
+        pos = {e.custom_id: e.line for e in self.errors if not e.keyed_by_line}
+        pos.update((cid, b.line) for cid, b in self.lines.items())
+        return pos
+
+    def reorder(self, path: str | Path) -> None:
+        """Rewrite an output file in input-line order (atomically), as ``vllm run_batch`` writes it.
+
+        Error lines go to their ``line``; others to their custom_id's line; lines this batch does not
+        know (another input) keep their order after the rest. A file that does not parse is left as is.
+        """
+        pos = self.positions()
+        keyed = []
+        try:
+            raw = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+            for k, line in enumerate(raw):
+                obj = json.loads(line)
+                err = obj.get("error") if isinstance(obj, dict) else None
+                at = err.get("line") if isinstance(err, dict) else None
+                if not isinstance(at, int) or isinstance(at, bool):
+                    at = pos.get(obj.get("custom_id")) if isinstance(obj, dict) else None
+                keyed.append(((0, at, k) if at is not None else (1, 0, k), line))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            log.warning("%s: not put in input order (%s)", path, e)
+            return
+        keyed.sort(key=lambda x: x[0])
+        if [line for _, line in keyed] != raw:
+            replace_file(path, (line for _, line in keyed))
+
     def formatter(self) -> Callable[[CompletionRecord], str]:
         """Record -> its OpenAI batch output line (for ``ResultsWriter(formatter=...)``)."""
         lines = self.lines
@@ -160,6 +220,55 @@ class _LineError(ValueError):
         self.code = code
 
 
+def _number(raw: Any, name: str) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw):
+        raise _LineError(INVALID_REQUEST, f"{name} must be a number, got {raw!r}")
+    return float(raw)
+
+
+def _sampling(body: dict, max_tokens: int) -> SamplingSpec:
+    """The body's sampling fields as vLLM reads them, each checked against vLLM's range."""
+    def get(key: str, default: Any) -> Any:
+        v = body.get(key)
+        return default if v is None else v
+
+    temperature = _number(get("temperature", 1.0), "body.temperature")
+    if temperature < 0:
+        raise _LineError(INVALID_REQUEST, f"body.temperature must be >= 0, got {temperature:g}")
+    top_p = _number(get("top_p", 1.0), "body.top_p")
+    if not 0 < top_p <= 1:
+        raise _LineError(INVALID_REQUEST, f"body.top_p must be in (0, 1], got {top_p:g}")
+    top_k = get("top_k", 0)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < -1:
+        raise _LineError(INVALID_REQUEST, f"body.top_k must be an integer >= -1 (-1 or 0: off), got {top_k!r}")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise _LineError(INVALID_REQUEST, f"body.seed must be an integer, got {seed!r}")
+    stop = get("stop", [])
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop):
+        raise _LineError(INVALID_REQUEST, "body.stop must be a non-empty string or a list of them")
+    penalties = []
+    for key in ("presence_penalty", "frequency_penalty"):
+        v = _number(get(key, 0.0), f"body.{key}")
+        if not -2 <= v <= 2:
+            raise _LineError(INVALID_REQUEST, f"body.{key} must be in [-2, 2], got {v:g}")
+        penalties.append(v)
+    ignore_eos = get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise _LineError(INVALID_REQUEST, f"body.ignore_eos must be true or false, got {ignore_eos!r}")
+    return SamplingSpec(max_tokens, temperature, top_p, max(top_k, 0), seed, tuple(stop), penalties[0],
+                        penalties[1], ignore_eos)
+
+
+def _check_keys(body: dict) -> None:
+    """Reject body keys we do not run (null or false values change nothing and pass)."""
+    for key, value in body.items():
+        if key not in BODY_KEYS and value is not None and value is not False:
+            raise _LineError(INVALID_REQUEST, f"body.{key} is not supported (hybrid-ray runs "
+                                              f"{', '.join(SAMPLING_KEYS)}); drop it from the line")
+
+
 def _positive_int(raw: Any, name: str) -> int:
     """A JSON integer >= 1 (bools and floats are rejected, as the OpenAI API does)."""
     if isinstance(raw, bool) or not isinstance(raw, int):
@@ -189,6 +298,11 @@ def _completion_prompt(body: dict) -> str | list[int]:
         return prompt
     raise _LineError(INVALID_REQUEST, "body.prompt must be a string, a list of token ids, or a list holding one "
                                       f"of those; got {type(prompt).__name__}")
+
+
+def _messages(body: dict) -> list[dict]:
+    """Chat messages for the model's template: role and content text (text parts joined)."""
+    return [{"role": m["role"], "content": text} for m, text in zip(body["messages"], _message_texts(body))]
 
 
 def _message_texts(body: dict) -> list[str]:
@@ -264,9 +378,35 @@ def _output_tokens(url: str, body: dict, chat_max_tokens: int) -> tuple[int, int
     return min(_positive_int(explicit, "body.output_tokens"), bound), bound
 
 
+def _model_prompt(url: str, body: dict, encoder: PromptEncoder) -> list[int]:
+    """The prompt's token ids as vLLM makes them (``prompts.PromptEncoder``); given ids as they are."""
+    from .prompts import PromptError
+
+    ids = body.get("prompt_token_ids")
+    if ids is not None and (not _is_token_ids(ids) or not ids):
+        raise _LineError(INVALID_REQUEST, "body.prompt_token_ids must be a non-empty list of integers")
+    try:
+        if url == COMPLETIONS_URL:
+            prompt = _completion_prompt(body)
+            if ids is None:
+                ids = encoder.completion(prompt) if isinstance(prompt, str) else prompt
+        else:
+            _message_texts(body)                # validated
+            if ids is None:
+                ids = encoder.chat(_messages(body))
+        return encoder.check_ids(list(ids))
+    except PromptError as e:
+        raise _LineError(INVALID_REQUEST, str(e)) from None
+
+
 def parse_line(text: str, line_no: int, tokenizer: Tokenizer | None = None,
-               chat_max_tokens: int = DEFAULT_MAX_TOKENS[CHAT_URL]) -> BatchLine | BatchLineError:
-    """One input line -> a BatchLine, or the BatchLineError saying why it cannot run."""
+               chat_max_tokens: int = DEFAULT_MAX_TOKENS[CHAT_URL],
+               encoder: PromptEncoder | None = None) -> BatchLine | BatchLineError:
+    """One input line -> a BatchLine, or the BatchLineError saying why it cannot run.
+
+    With ``encoder`` (a real engine's model) the request carries a ``Payload`` and its counts are
+    the model's (prompt ids; output = max_tokens, capped so prompt + output fits the context).
+    """
     placeholder = f"line-{line_no}"
     try:
         obj = json.loads(text)
@@ -300,21 +440,37 @@ def parse_line(text: str, line_no: int, tokenizer: Tokenizer | None = None,
         model = body.get("model")
         if model is not None and not isinstance(model, str):
             raise _LineError(INVALID_REQUEST, f"body.model must be a string, got {model!r}")
-        prompt, source = _prompt_tokens(url, body, tokenizer)
+        _check_keys(body)
         output, bound = _output_tokens(url, body, chat_max_tokens)
+        sampling = _sampling(body, bound)
+        if encoder is None:
+            prompt, source = _prompt_tokens(url, body, tokenizer)
+            req = Request(cid, prompt, output, 0.0)
+        else:
+            ids = _model_prompt(url, body, encoder)
+            ctx = encoder.context
+            if ctx is not None and len(ids) + 1 > ctx:
+                raise _LineError(CONTEXT_LENGTH_EXCEEDED, f"the prompt has {len(ids)} tokens; the model's context "
+                                                          f"({encoder.name}) holds {ctx} with at least one output "
+                                                          f"token")
+            if ctx is not None:
+                bound = min(bound, ctx - len(ids))
+            payload = Payload(tuple(ids), replace(sampling, max_tokens=bound), group=model or "")
+            req, source = Request(cid, len(ids), bound, 0.0, payload), "model"
     except _LineError as exc:
         return BatchLineError(cid, line_no, exc.code, f"line {line_no}: {exc}")
-    return BatchLine(cid, line_no, url, model or DEFAULT_MODEL, bound, Request(cid, prompt, output, 0.0), source)
+    return BatchLine(cid, line_no, url, model or DEFAULT_MODEL, bound, req, source)
 
 
 def read_batch(path: str | Path, *, tokenizer: Tokenizer | None = None, limit: int | None = None,
-               seed: int | None = None, chat_max_tokens: int = DEFAULT_MAX_TOKENS[CHAT_URL]) -> BatchInput:
+               seed: int | None = None, chat_max_tokens: int = DEFAULT_MAX_TOKENS[CHAT_URL],
+               encoder: PromptEncoder | None = None) -> BatchInput:
     """Parse an OpenAI batch input file; malformed lines become error entries, never exceptions.
 
     ``limit`` keeps the first N non-blank lines (with ``seed``: a seeded sample of N, in file
     order), as ``--limit``/``--seed`` do for other workloads. A custom_id claimed by an earlier
     line (valid or not) makes the later line a ``duplicate_custom_id`` error. Only an unreadable
-    or empty file raises (WorkloadError).
+    or empty file raises (WorkloadError). ``encoder``: real prompts, see ``parse_line``.
     """
     p = Path(path)
     _check_limit(limit)
@@ -335,7 +491,7 @@ def read_batch(path: str | Path, *, tokenizer: Tokenizer | None = None, limit: i
         except UnicodeDecodeError as exc:
             entries.append(BatchLineError(f"line-{n}", n, INVALID_JSON, f"line {n}: not UTF-8 text ({exc.reason})"))
             continue
-        entries.append(parse_line(text, n, tokenizer, chat_max_tokens))
+        entries.append(parse_line(text, n, tokenizer, chat_max_tokens, encoder))
     if not entries:
         raise WorkloadError(f"{p}: empty OpenAI batch file (expected one request object per line)")
     entries = _select(entries, limit, seed)
@@ -444,15 +600,16 @@ def format_success(record: CompletionRecord, custom_id: str | None = None, *, ur
                    model: str = DEFAULT_MODEL, max_tokens: int | None = None, created: int | None = None) -> dict:
     """A finished request's OpenAI batch output line.
 
-    The emulated engine produces no text: ``text`` / ``message.content`` is "" (a record with a
-    ``text`` attribute, from a real engine, fills it). ``finish_reason`` is "length" when the
-    output reached ``max_tokens`` (always, for the emulator), else "stop". Ids are stable hashes
-    of the custom_id; ``created`` is the Unix time of writing.
+    A real engine's record carries the generated text and its finish reason ("stop": EOS or a
+    stop string; "length": max_tokens). The emulated engine produces no text: ``text`` /
+    ``message.content`` is "", and ``finish_reason`` is "length" when the output reached
+    ``max_tokens`` (always, for the emulator), else "stop". ``usage.completion_tokens`` is the
+    tokens generated. Ids are stable hashes of the custom_id; ``created`` is the Unix time of writing.
     """
     cid = record.id if custom_id is None else custom_id
     h = _hash(cid)
-    text = getattr(record, "text", None) or ""
-    finish = "length" if max_tokens is None or record.output_tokens >= max_tokens else "stop"
+    text = record.text or ""
+    finish = record.finish_reason or (LENGTH if max_tokens is None or record.output_tokens >= max_tokens else STOP)
     if url == CHAT_URL:
         obj, body_id = "chat.completion", f"chatcmpl-{h}"
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
@@ -481,9 +638,12 @@ def format_error(custom_id: str, code: str, message: str, *, line: int | None = 
             "error": err}
 
 
-def parse_output_line(obj: dict, where: str) -> CompletionRecord | ErrorLine:
-    """An output line read back (resume): a success line -> CompletionRecord keyed by custom_id;
-    an error line -> ErrorLine. Lines from other tools (vLLM's, without our timing) count as done."""
+def parse_output_line(obj: dict, where: str) -> CompletionRecord | ErrorLine | None:
+    """An output line read back (resume): a success line -> CompletionRecord keyed by custom_id (with
+    its text and finish reason); an error line -> ErrorLine; an object without ``custom_id`` -> None
+    (a plain record). Lines from other tools (vLLM's, without our timing) count as done."""
+    if "custom_id" not in obj:
+        return None
     cid = obj.get("custom_id")
     if not isinstance(cid, str):
         raise ResultsError(f"{where}: custom_id must be a string, got {cid!r}")
@@ -501,11 +661,17 @@ def parse_output_line(obj: dict, where: str) -> CompletionRecord | ErrorLine:
     body = resp.get("body") if isinstance(resp.get("body"), dict) else {}
     usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
     ext = obj.get(EXTENSION_KEY) if isinstance(obj.get(EXTENSION_KEY), dict) else {}
+    choices = body.get("choices") if isinstance(body.get("choices"), list) else []
+    choice = choices[0] if choices and isinstance(choices[0], dict) else {}
+    msg = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    text = choice.get("text", msg.get("content"))
+    finish = choice.get("finish_reason")
     try:
         rec = CompletionRecord(cid, str(ext.get("replica", "")), float(ext.get("arrival_s", 0.0)),
                                float(ext.get("first_token_s", 0.0)), float(ext.get("finish_s", 0.0)),
                                int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
-                               int(ext.get("preemptions", 0)))
+                               int(ext.get("preemptions", 0)), text if isinstance(text, str) else None,
+                               finish if isinstance(finish, str) else None)
     except (TypeError, ValueError) as e:
         raise ResultsError(f"{where}: bad value ({e})") from None
     if not all(math.isfinite(x) for x in (rec.arrival_s, rec.first_token_s, rec.finish_s)):
@@ -517,33 +683,41 @@ def parse_output_line(obj: dict, where: str) -> CompletionRecord | ErrorLine:
 # Runs: `hybrid-ray run -i IN -o OUT` and `hybrid-ray simulate -i IN -o OUT`
 # ---------------------------------------------------------------------------------------------
 
-def prepare_batch_run(opts, cluster: ClusterSpec | None = None, requests: list[Request] | None = None):
+def read_output(path: str | Path, missing_ok: bool = False) -> ResultsFile:
+    """``results.read_results`` that also reads OpenAI batch output lines (``parse_output_line``)."""
+    return read_results(path, missing_ok, parse_output_line)
+
+
+def prepare_batch_run(opts, cluster: ClusterSpec | None = None, requests: list[Request] | None = None, *,
+                      encoder: PromptEncoder | None = None):
     """For ``runtime.run``: when ``opts.workload`` is an OpenAI batch file (and no requests were
-    given), parse it, write the error lines the output file lacks, and return ``(opts, cluster,
-    requests)`` with the output file as the resume file and ``record_format`` writing OpenAI lines.
-    Otherwise return the arguments unchanged.
+    given), parse it (``encoder``: real prompts for a real engine), write the error lines the
+    output file lacks, and return ``(opts, cluster, requests)`` with the output file as the resume
+    file and ``output_format`` writing OpenAI lines. Otherwise return the arguments unchanged.
 
     ``-o`` (or ``--resume``) is the resume file: if it exists, the custom_ids it holds (success or
     error lines) are skipped and new lines are appended, so every input line ends with exactly one
-    output line however often the run is interrupted and restarted.
+    output line however often the run is interrupted and restarted. ``opts`` is duck-typed (a
+    ``RunOptions``): this module does not import the runtime.
     """
     if requests is not None or not is_batch_workload(opts.workload):
         return opts, cluster, requests
     from .config import load_cluster
-    from .runtime import RuntimeSetupError
 
     if cluster is None:
         cluster = load_cluster(opts.config)
-    batch = check_batch_feasible(read_batch(opts.workload, limit=opts.limit, seed=opts.seed), cluster)
+    batch = check_batch_feasible(read_batch(opts.workload, limit=opts.limit, seed=opts.seed, encoder=encoder),
+                                 cluster)
     if opts.resume and opts.output and Path(opts.output).resolve() != Path(opts.resume).resolve():
         raise RuntimeSetupError(f"--resume {opts.resume} appends to that file; drop --output {opts.output} "
                                 f"or make it the same file")
+    fmt = batch.output_format()
     out = opts.resume or opts.output
     if out is None:
         if batch.errors:
             log.warning("%s; pass -o FILE to get their error lines", describe_errors(batch))
-        return replace(opts, record_format=batch.formatter()), cluster, batch.requests
-    existing = read_results(out, missing_ok=True)
+        return replace(opts, output_format=fmt), cluster, batch.requests
+    existing = fmt.read(out, missing_ok=True)
     pending = batch.pending_errors(existing)
     if pending:
         with ResultsWriter(out, append=True) as w:
@@ -551,23 +725,26 @@ def prepare_batch_run(opts, cluster: ClusterSpec | None = None, requests: list[R
         log.warning("%s; their error lines are in %s", describe_errors(batch), out)
     p = Path(out)
     resume = out if p.exists() and p.stat().st_size > 0 else None
-    return replace(opts, output=out, resume=resume, record_format=batch.formatter()), cluster, batch.requests
+    return replace(opts, output=out, resume=resume, output_format=fmt), cluster, batch.requests
 
 
 def write_simulated_output(workload: str, path: str | Path, cluster: ClusterSpec, record,
                            limit: int | None = None, seed: int | None = None) -> Path:
-    """``simulate -o``: the run's output lines, overwritten, in request-completion order.
+    """``simulate -o``: the run's output lines, overwritten.
 
-    For an OpenAI batch workload, OpenAI batch output lines (the error lines first, then one per
-    finished request); for any other workload, the runtime's completion records.
+    For an OpenAI batch workload, OpenAI batch output lines in input order (error lines at their
+    line's place), as a finished ``run`` leaves its file; for any other workload, the runtime's
+    completion records in request-completion order.
     """
     seqs = sorted((s for s in record.sequences if s.finish_s >= 0), key=lambda s: s.finish_s)
     recs = [CompletionRecord.from_sequence(s) for s in seqs]
     if is_batch_workload(workload):
         batch = check_batch_feasible(read_batch(workload, limit=limit, seed=seed), cluster)
-        with ResultsWriter(path, formatter=batch.formatter()) as w:
+        fmt = batch.output_format()
+        with fmt.writer(path) as w:
             w.write_lines(_dumps(e.to_output()) for e in batch.errors)
             w.write(recs)
+        fmt.finish(path)
     else:
         with ResultsWriter(path) as w:
             w.write(recs)
@@ -582,4 +759,4 @@ def output_lines(path: str | Path) -> list[dict]:
 __all__ = ["BatchInput", "BatchLine", "BatchLineError", "BatchPath", "CHARS_PER_TOKEN",
            "CHAT_MESSAGE_OVERHEAD_TOKENS", "DEFAULT_MAX_TOKENS", "check_batch_feasible", "estimate_tokens",
            "format_error", "format_success", "is_batch_workload", "load_batch_inputs", "parse_line",
-           "parse_output_line", "prepare_batch_run", "read_batch", "write_simulated_output"]
+           "parse_output_line", "prepare_batch_run", "read_batch", "read_output", "write_simulated_output"]

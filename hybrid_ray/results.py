@@ -5,22 +5,26 @@ loses nothing already finished; ``--resume FILE`` reads the file back and skips 
 crash can leave a half-written last line: the reader ignores it (the request simply runs again)
 and the writer cuts it off before appending, so the file stays one valid object per line.
 
-The reader also understands OpenAI batch output lines (``openai_batch.py``: an object with a
-``custom_id``): a success line is a record keyed by its custom_id, an error line an ``ErrorLine``.
-The writer takes a ``formatter`` that turns a record into its line (default: ``to_json``).
+This module knows one line format, its own records. A workload format (``openai_batch.py``)
+plugs in through an ``OutputFormat``: how a record becomes a line (``format``), how a line of
+that format reads back (``parse``: a record or an ``ErrorLine``), and what to do with the file
+when the run ends (``finalize``, e.g. put it in input order). Nothing here imports the formats.
 """
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+import os
+import tempfile
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import IO, Callable, Iterable
+from typing import IO, Callable, Iterable, Union
 
 from .errors import HybridRayError
 
 FIELDS = ("id", "replica", "arrival_s", "first_token_s", "finish_s", "prompt_tokens", "output_tokens",
           "preemptions")
+OPTIONAL_FIELDS = ("text", "finish_reason")    # a real engine's output; absent from the JSON when None
 
 
 class ResultsError(HybridRayError):
@@ -39,15 +43,26 @@ class CompletionRecord:
     prompt_tokens: int
     output_tokens: int
     preemptions: int = 0
+    text: str | None = None             # generated text (a real engine; None: emulated)
+    finish_reason: str | None = None    # "stop" | "length" (a real engine; None: emulated)
 
     @classmethod
     def from_sequence(cls, s) -> "CompletionRecord":
-        """From a finished ``replica.Sequence``."""
+        """From a finished ``replica.Sequence`` (its ``completion``, when a real engine ran it)."""
+        c = s.completion
         return cls(s.req.id, s.replica, s.req.arrival_s, s.first_token_s, s.finish_s, s.req.prompt_tokens,
-                   s.generated, s.preemptions)
+                   s.generated, s.preemptions, None if c is None else c.text,
+                   None if c is None else c.finish_reason)
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in FIELDS}
+        for k in OPTIONAL_FIELDS:
+            if getattr(self, k) is not None:
+                d[k] = getattr(self, k)
+        return d
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False)
 
     @classmethod
     def from_dict(cls, d: object, where: str) -> "CompletionRecord":
@@ -58,7 +73,8 @@ class CompletionRecord:
             raise ResultsError(f"{where}: missing key(s) {', '.join(missing)}; a record has {', '.join(FIELDS)}")
         try:
             rec = cls(str(d["id"]), str(d["replica"]), float(d["arrival_s"]), float(d["first_token_s"]),
-                      float(d["finish_s"]), int(d["prompt_tokens"]), int(d["output_tokens"]), int(d["preemptions"]))
+                      float(d["finish_s"]), int(d["prompt_tokens"]), int(d["output_tokens"]), int(d["preemptions"]),
+                      *(None if d.get(k) is None else str(d[k]) for k in OPTIONAL_FIELDS))
         except (TypeError, ValueError) as e:
             raise ResultsError(f"{where}: bad value ({e})") from None
         if not all(math.isfinite(x) for x in (rec.arrival_s, rec.first_token_s, rec.finish_s)):
@@ -98,17 +114,28 @@ class ResultsFile:
         return {r.id for r in self.records} | {e.settles for e in self.errors if e.settles is not None}
 
 
-def _parse_object(obj: object, where: str) -> "CompletionRecord | ErrorLine":
-    """One line's object: an OpenAI batch output line (it has a custom_id) or a completion record."""
-    if isinstance(obj, dict) and "custom_id" in obj:
-        from .openai_batch import parse_output_line   # imports this module: import here
+Entry = Union[CompletionRecord, ErrorLine]
+LineParser = Callable[[dict, str], Entry]     # (a line's object, "FILE line N") -> entry; ResultsError if bad
 
-        return parse_output_line(obj, where)
+
+def _parse_object(obj: object, where: str, parse: LineParser | None) -> Entry:
+    """One line's object: ``parse``'s when it takes it (returns non-None), else a completion record."""
+    if parse is not None and isinstance(obj, dict):
+        entry = parse(obj, where)
+        if entry is not None:
+            return entry
+    elif isinstance(obj, dict) and "custom_id" in obj:
+        raise ResultsError(f"{where}: an OpenAI batch output line; read the file with its format's parser "
+                           f"(openai_batch.read_output)")
     return CompletionRecord.from_dict(obj, where)
 
 
-def read_results(path: str | Path, missing_ok: bool = False) -> ResultsFile:
-    """Parse a results file; a malformed line other than an unterminated last one is an error."""
+def read_results(path: str | Path, missing_ok: bool = False, parse: LineParser | None = None) -> ResultsFile:
+    """Parse a results file; a malformed line other than an unterminated last one is an error.
+
+    ``parse`` reads the lines of another format (``OutputFormat.parse``): it returns a record or an
+    ``ErrorLine``, or None for an object that is a plain record.
+    """
     p = Path(path)
     out = ResultsFile(str(p))
     try:
@@ -128,7 +155,7 @@ def read_results(path: str | Path, missing_ok: bool = False) -> ResultsFile:
         last_partial = n == len(lines) and not complete_last
         try:
             obj = json.loads(raw.decode("utf-8"))
-            rec = _parse_object(obj, f"{p} line {n}")
+            rec = _parse_object(obj, f"{p} line {n}", parse)
         except (UnicodeDecodeError, json.JSONDecodeError, ResultsError) as e:
             if last_partial:
                 out.truncated_tail = True      # the writer died mid-line: that request runs again
@@ -176,9 +203,11 @@ def _cut_partial_tail(p: Path) -> None:
         keep = data.rfind(b"\n") + 1            # 0 when the only line is partial
         tail = data[keep:]
         try:
-            _parse_object(json.loads(tail.decode("utf-8")), str(p))
-        except (UnicodeDecodeError, json.JSONDecodeError, ResultsError):
-            fh.truncate(keep)                   # half a record: gone; the request runs again
+            whole = isinstance(json.loads(tail.decode("utf-8")), dict)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            whole = False
+        if not whole:
+            fh.truncate(keep)                   # half a line: gone; the request runs again
             return
         fh.seek(0, 2)
         fh.write(b"\n")                         # a whole record missing only its newline
@@ -225,4 +254,56 @@ class ResultsWriter:
         self.close()
 
 
-assert tuple(f.name for f in fields(CompletionRecord)) == FIELDS
+def replace_file(path: str | Path, lines: Iterable[str]) -> None:
+    """Rewrite ``path`` with ``lines`` atomically (temp file in the same folder, fsync, ``os.replace``):
+    a crash leaves the old file or the new one, never a mix."""
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write("".join(line + "\n" for line in lines))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:
+        dfd = os.open(p.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+@dataclass(frozen=True, slots=True)
+class OutputFormat:
+    """How a run writes and reads back its output file; the default is plain completion records.
+
+    A workload format supplies its own (``openai_batch.BatchInput.output_format``); the runtime and
+    the driver use only this object, so they never import the format.
+    """
+
+    format: Callable[[CompletionRecord], str] = CompletionRecord.to_json   # record -> line (no newline)
+    parse: LineParser | None = None                  # lines of the format -> entries (resume, history)
+    finalize: Callable[[Path], None] | None = None   # the run ended: e.g. rewrite the file in input order
+
+    def read(self, path: str | Path, missing_ok: bool = False) -> ResultsFile:
+        return read_results(path, missing_ok, self.parse)
+
+    def writer(self, path: str | Path, append: bool = False) -> "ResultsWriter":
+        return ResultsWriter(path, append, self.format)
+
+    def finish(self, path: str | Path | None) -> None:
+        """Apply ``finalize`` to an output file that exists."""
+        if path is not None and self.finalize is not None and Path(path).is_file():
+            self.finalize(Path(path))
+
+
+PLAIN = OutputFormat()
+
+assert tuple(f.name for f in fields(CompletionRecord)) == FIELDS + OPTIONAL_FIELDS

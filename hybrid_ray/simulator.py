@@ -4,6 +4,12 @@ The loop has two kinds of events, request arrivals and iteration ends; at each, 
 Router / IterationPolicy / Controller objects the Ray runtime uses make the decisions, and the
 cost model gives each iteration's duration. Ties are broken by a sequence number, so the same
 inputs always give the same run.
+
+Lengths: a request's sequence is made (and its length predicted) when it arrives; the replica
+finishes it at its true length, and only then is the predictor told it (``observe``). When that
+moves the predictions (``predictor.version``), every replica's not-yet-started queue is
+re-predicted (``Scheduler.repredict``) and the controller rebalances at once, as the Ray driver
+does when it learns completions.
 """
 from __future__ import annotations
 
@@ -63,7 +69,10 @@ class Simulator:
         replicas = [ReplicaState(spec) for spec in self.cluster.replicas()]
         policies = [sch.policy_factory(r) for r in replicas]
         reqs = sorted(requests, key=lambda q: q.arrival_s)          # stable: keeps file order
-        seqs = [sch.make_sequence(q) for q in reqs]
+        seqs: list[Sequence] = []                                   # made as requests arrive
+        predictor = sch.predictor
+        version = predictor.version
+        repredictions = 0
         events: list[tuple[float, int, int]] = []                   # (end time, tiebreak, replica)
         starts = [0.0] * len(replicas)
         tick = 0
@@ -92,14 +101,15 @@ class Simulator:
                 kick(t, now)
 
         k = 0
-        n = len(seqs)
+        n = len(reqs)
         while k < n or events:
             if k < n and (not events or reqs[k].arrival_s <= events[0][0]):
                 now = reqs[k].arrival_s
                 j = k
                 while j < n and reqs[j].arrival_s == now:
                     j += 1
-                batch = seqs[k:j]
+                batch = [sch.make_sequence(q) for q in reqs[k:j]]
+                seqs.extend(batch)
                 k = j
                 loads = [r.report(now) for r in replicas]
                 if sch.dispatcher is not None:
@@ -110,6 +120,15 @@ class Simulator:
             now, _, i = heapq.heappop(events)
             r = replicas[i]
             done = r.complete(r.current, starts[i], now)
+            if done:
+                for s in done:
+                    predictor.observe(s.req, s.generated)       # the true length, learned at the finish
+                if predictor.version != version:
+                    version = predictor.version
+                    repredictions += 1
+                    for x in replicas:
+                        sch.repredict(x)
+                    next_ctrl = now                             # the loads moved: rebalance now
             if done and sch.dispatcher is not None:
                 enqueue(sch.dispatcher.on_finished(i, done, [x.report(now) for x in replicas]), now)
             if ctrl is not None and now >= next_ctrl:
@@ -123,7 +142,9 @@ class Simulator:
         unfinished = [s.id for s in seqs if s.finish_s < 0]
         if unfinished:
             raise RuntimeError(f"simulation ended with {len(unfinished)} unfinished requests, e.g. {unfinished[:5]}")
-        return RunRecord(sch.name, self.cluster.source, replicas, seqs, moves)
+        return RunRecord(sch.name, self.cluster.source, replicas, seqs, moves,
+                         extra={"predictor": predictor.name, "prediction_versions": version,
+                                "repredictions": repredictions})
 
 
 def simulate(cluster: ClusterSpec, scheduler: Scheduler, requests: list[Request]) -> RunRecord:

@@ -85,6 +85,20 @@ def load_gsm8k(limit: int | None = None) -> list[Request]:
     return out
 
 
+def load_gsm8k_questions(limit: int | None = None) -> list[str]:
+    """The GSM8K test questions as text (bundled ``test.jsonl``, MIT): real prompts for real engines,
+    and the text the offline tiny model's tokenizer is trained on (``engines/tiny_model.py``)."""
+    _check_limit(limit)
+    out: list[str] = []
+    with _data_file("gsm8k", "test.jsonl").open("r", encoding="utf-8") as fh:
+        for line in fh:
+            if limit is not None and len(out) >= limit:
+                break
+            if line.strip():
+                out.append(json.loads(line)["question"])
+    return out
+
+
 def _parse_timestamp(text: str) -> datetime:
     """Parse an Azure TIMESTAMP, truncating sub-microsecond digits datetime cannot hold."""
     text = _FRACTION.sub(lambda m: "." + m.group(1)[:6].ljust(6, "0"), text.strip(), count=1)

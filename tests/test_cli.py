@@ -19,7 +19,16 @@ def test_default_run_completes_gsm8k(tmp_path, capsys):
     assert data["requests_completed"] == data["requests_total"] == 1319
     assert data["policy"] == "baseline" and data["config"].endswith("local.yaml")
     assert 0 < data["utilization_slots"] <= data["utilization_busy"] <= 1
-    assert data["wall_s"] < 10
+    assert data["wall_s"] > 0                              # reported; its size is `bench perf`'s business
+    # counted, not timed: the command ran exactly the simulation of the embedded default
+    from hybrid_ray.inputs import load_inputs
+    from hybrid_ray.policies import build_scheduler
+    from hybrid_ray.simulator import simulate
+
+    cluster, requests = load_inputs()
+    rec = simulate(cluster, build_scheduler("baseline", cluster, requests), requests)
+    assert data["makespan_s"] == pytest.approx(rec.makespan_s, rel=1e-9)
+    assert data["iterations"] == sum(len(r.records) for r in rec.replicas)
     text = capsys.readouterr().out
     assert "total inference time" in text and "1319/1319 completed" in text
 

@@ -7,15 +7,19 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from dataclasses import replace
+
 import pytest
 
 from hybrid_ray.cli import build_parser, main
 from hybrid_ray.config import load_cluster
 from hybrid_ray.inputs import load_inputs
 from hybrid_ray.openai_batch import (CHARS_PER_TOKEN, CHAT_MESSAGE_OVERHEAD_TOKENS, DEFAULT_MAX_TOKENS, BatchLine,
+                                     BatchLineError,
                                      BatchPath, check_batch_feasible, estimate_tokens, format_error, format_success,
-                                     is_batch_workload, output_lines, parse_line, prepare_batch_run, read_batch)
-from hybrid_ray.results import CompletionRecord, ErrorLine, ResultsWriter, read_results
+                                     is_batch_workload, output_lines, parse_line, prepare_batch_run, read_batch,
+                                     read_output)
+from hybrid_ray.results import CompletionRecord, ErrorLine, ResultsWriter
 from hybrid_ray.runtime import RunOptions, run
 
 COMP, CHAT = "/v1/completions", "/v1/chat/completions"
@@ -89,6 +93,48 @@ def test_explicit_output_tokens_bounded_by_max_tokens():
 
 
 GOOD = {"prompt": "hello", "max_tokens": 4}
+
+
+def test_sampling_fields_are_parsed_with_vllm_defaults():
+    from hybrid_ray.openai_batch import _sampling
+
+    default = _sampling({}, 16)
+    assert (default.max_tokens, default.temperature, default.top_p, default.top_k, default.seed, default.stop,
+            default.presence_penalty, default.frequency_penalty, default.ignore_eos) == \
+        (16, 1.0, 1.0, 0, None, (), 0.0, 0.0, False)
+    sp = _sampling({"temperature": 0, "top_p": 0.5, "top_k": -1, "seed": 3, "stop": "\n\n",
+                    "presence_penalty": 1, "frequency_penalty": -0.5, "ignore_eos": True}, 8)
+    assert sp.greedy and (sp.top_p, sp.top_k, sp.seed, sp.stop) == (0.5, 0, 3, ("\n\n",))
+    assert (sp.presence_penalty, sp.frequency_penalty, sp.ignore_eos) == (1.0, -0.5, True)
+    assert _sampling({"stop": ["a", "bc"], "temperature": None}, 8).stop == ("a", "bc")   # null = default
+    b = _parse("s", {"prompt": "hi", "temperature": 0.7, "stop": ["x"], "user": "u1", "logprobs": None})
+    assert b.request.payload is None                    # emulated: counts only, as before
+
+
+@pytest.mark.parametrize("extra, words", [
+    ({"logprobs": 2}, "body.logprobs is not supported"),
+    ({"logit_bias": {"5": 1}}, "body.logit_bias is not supported"),
+    ({"tools": [{"type": "function"}]}, "body.tools is not supported"),
+    ({"response_format": {"type": "json_object"}}, "body.response_format is not supported"),
+    ({"n": 2}, "body.n = 2"),
+    ({"stream": True}, "stream"),
+    ({"temperature": -0.1}, "temperature must be >= 0"),
+    ({"temperature": "hot"}, "temperature must be a number"),
+    ({"top_p": 0}, "top_p must be in (0, 1]"),
+    ({"top_p": 1.5}, "top_p must be in (0, 1]"),
+    ({"top_k": -2}, "top_k must be an integer >= -1"),
+    ({"top_k": 2.5}, "top_k must be an integer >= -1"),
+    ({"seed": 1.5}, "seed must be an integer"),
+    ({"stop": ""}, "stop must be a non-empty string"),
+    ({"stop": ["a", 3]}, "stop must be a non-empty string"),
+    ({"presence_penalty": 3}, "presence_penalty must be in [-2, 2]"),
+    ({"frequency_penalty": -2.5}, "frequency_penalty must be in [-2, 2]"),
+    ({"ignore_eos": "yes"}, "ignore_eos must be true or false"),
+])
+def test_unsupported_or_out_of_range_sampling_is_an_error_line(extra, words):
+    out = parse_line(_line("q", {"prompt": "hi", **extra}), 3)
+    assert isinstance(out, BatchLineError) and out.code == "invalid_request" and out.custom_id == "q"
+    assert out.message.startswith("line 3: ") and words in out.message
 
 
 @pytest.mark.parametrize("bad, cid, code", [
@@ -216,7 +262,7 @@ def test_error_line_format():
 
 
 def test_output_file_read_back(tmp_path):
-    """read_results understands OpenAI lines: records keyed by custom_id, errors, which ids they settle."""
+    """read_output understands OpenAI lines: records keyed by custom_id, errors, which ids they settle."""
     path = tmp_path / "out.jsonl"
     lines = [format_success(REC, "q7", max_tokens=16),
              format_error("line-4", "invalid_json_line", "bad", line=4),
@@ -226,19 +272,39 @@ def test_output_file_read_back(tmp_path):
              {"id": "vllm-2", "custom_id": "w", "response": {"status_code": 400}, "error": "boom"}]
     with ResultsWriter(path) as w:
         w.write_lines(json.dumps(x) for x in lines)
-    res = read_results(path)
-    assert res.records[0] == REC and [r.id for r in res.records] == ["q7", "v"]
+    res = read_output(path)
+    assert res.records[0] == replace(REC, text="", finish_reason="length")   # the line's text and reason
+    assert [r.id for r in res.records] == ["q7", "v"]
     assert [e.code for e in res.errors] == ["invalid_json_line", "duplicate_custom_id", "context_length_exceeded", ""]
     assert isinstance(res.errors[0], ErrorLine) and res.errors[0].line == 4
     assert res.ids == {"q7", "v", "q2", "w"}                 # line-keyed errors settle no request
     half = json.dumps(format_success(REC, "q9"))
     with path.open("a") as fh:
         fh.write(half[: len(half) // 2])
-    assert read_results(path).truncated_tail
+    assert read_output(path).truncated_tail
     with ResultsWriter(path, append=True, formatter=lambda r: json.dumps(format_success(r))) as w:
         w.write([REC])
-    res = read_results(path)
+    res = read_output(path)
     assert not res.truncated_tail and res.duplicates == ["q7"]
+
+
+def test_reorder_puts_the_output_in_input_order(tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("\n".join([_line("a", GOOD), "nope", _line("b", GOOD), _line("c", {"prompt": ""}),
+                              _line("d", GOOD)]) + "\n")
+    batch = read_batch(inp)
+    fmt = batch.output_format()
+    rec = lambda cid: CompletionRecord(cid, "r-0", 0.0, 0.1, 0.2, 2, 4, 0)   # noqa: E731
+    lines = [fmt.format(rec("d")), json.dumps({"custom_id": "zz", "response": None, "error": "other tool"}),
+             fmt.format(rec("b")), *(json.dumps(e.to_output()) for e in batch.errors), fmt.format(rec("a"))]
+    out.write_text("\n".join(lines) + "\n")
+    fmt.finish(out)
+    got = [(o["custom_id"], (o["error"] or {}).get("line") if isinstance(o["error"], dict) else o["error"])
+           for o in output_lines(out)]
+    assert got == [("a", None), ("line-2", 2), ("b", None), ("c", 4), ("d", None), ("zz", "other tool")]
+    before = out.read_bytes()
+    fmt.finish(out)
+    assert out.read_bytes() == before                                   # idempotent
 
 
 def test_resume_writes_error_lines_once(tmp_path):
@@ -251,9 +317,9 @@ def test_resume_writes_error_lines_once(tmp_path):
     assert len(first.splitlines()) == 3
     o2, _, _ = prepare_batch_run(opts)
     assert out.read_text() == first                            # not duplicated on resume
-    assert o2.record_format is not None
+    assert o2.output_format is not None
     rec = CompletionRecord("a", "llama7b-0", 0.0, 0.1, 0.2, 2, 4, 0)
-    assert json.loads(o2.record_format(rec))["response"]["body"]["usage"]["completion_tokens"] == 4
+    assert json.loads(o2.output_format.format(rec))["response"]["body"]["usage"]["completion_tokens"] == 4
     assert prepare_batch_run(RunOptions(workload="gsm8k"))[2] is None       # other workloads: untouched
 
 
@@ -304,6 +370,16 @@ def check_output(out: Path, expect: list[str]) -> tuple[int, int]:
     return ok, len(objs) - ok
 
 
+def assert_input_order(out, expect) -> None:
+    """The output's lines follow the input's: each line's input position (error lines: their ``line``)
+    increases down the file."""
+    first_line = {}
+    for n, cid in enumerate(expect, 1):
+        first_line.setdefault(cid, n)
+    at = [o["error"]["line"] if o["error"] is not None else first_line[o["custom_id"]] for o in output_lines(out)]
+    assert at == sorted(at)
+
+
 def test_simulate_and_plan_take_a_batch_file(tmp_path, capsys):
     inp, out = tmp_path / "in.jsonl", tmp_path / "sim.jsonl"
     expect = make_batch(inp, 300)
@@ -313,7 +389,8 @@ def test_simulate_and_plan_take_a_batch_file(tmp_path, capsys):
     data = json.loads((tmp_path / "m.json").read_text())
     assert data["requests_completed"] == ok
     finishes = [o["hybrid_ray"]["finish_s"] for o in output_lines(out) if o["error"] is None]
-    assert finishes == sorted(finishes) and max(finishes) == pytest.approx(data["makespan_s"])
+    assert max(finishes) == pytest.approx(data["makespan_s"])
+    assert_input_order(out, expect)                  # as vllm run_batch writes it
     for o in output_lines(out):
         if o["error"] is None:
             usage = o["response"]["body"]["usage"]
@@ -337,7 +414,8 @@ def test_thousand_lines_end_to_end_on_ray(ray_session, tmp_path, capsys):
     ok, bad = check_output(out, expect)
     data = json.loads((tmp_path / "m.json").read_text())
     assert bad == 10 + 10 + 4 and ok == 1000 - bad == data["requests_completed"]
-    assert read_results(out).duplicates == []
+    assert read_output(out).duplicates == []
+    assert_input_order(out, expect)                               # rewritten in input order at the end
     assert wall < 60 and data["failed_replicas"] == 0
     assert main(["run", "-i", str(inp), "-o", str(out), "--config", "local", "--no-progress"]) == 0
     assert "nothing to run" in capsys.readouterr().out
@@ -359,7 +437,7 @@ def test_interrupted_batch_resumes_without_duplicates(ray_session, tmp_path):
     opts = RunOptions(config="local", workload=str(inp), output=str(out), time_scale=0.005, progress=False)
     with pytest.raises(Crash):
         run(opts, hook=hook)
-    before = read_results(out)
+    before = read_output(out)
     assert 300 <= len(before.records) < 976 and len(before.errors) == 24
     half = json.dumps(format_success(REC, "req-0999"))
     with out.open("a") as fh:
@@ -367,6 +445,7 @@ def test_interrupted_batch_resumes_without_duplicates(ray_session, tmp_path):
     res = run(opts)
     assert res.skipped == len(before.records)
     assert res.summary.requests_completed == 976 - len(before.records)
-    after = read_results(out)
+    after = read_output(out)
     assert after.duplicates == [] and not after.truncated_tail
     assert check_output(out, expect) == (976, 24)
+    assert_input_order(out, expect)

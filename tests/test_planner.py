@@ -47,7 +47,9 @@ def test_estimate_predicts_simulated_finish_within_5pct(paper_offline):
 def test_plan_quality_on_paper_setting(paper, paper_offline):
     cl, reqs = paper
     plan = paper_offline[0].info["plan"]
-    assert plan.solve_time_s < 5.0
+    # solver status, not wall time (planner speed is `hybrid-ray bench perf`'s): a real solve, not the
+    # HEURISTIC fallback that a time limit running out before any solution would give
+    assert plan.solver_status in ("OPTIMAL", "FEASIBLE") and plan.solve_time_s > 0
     assert plan.planned_makespan_s / plan.pack_bound_s - 1 < 0.01          # packing gap under 1 %
     assert plan.pack_gap == pytest.approx(plan.planned_makespan_s / plan.pack_bound_s - 1, abs=1e-9)
     assert len(plan.assignment) == len(reqs) == sum(len(v) for v in plan.order.values())

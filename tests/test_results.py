@@ -119,3 +119,38 @@ def test_blank_lines_ignored(tmp_path):
     path = tmp_path / "res.jsonl"
     path.write_text("\n" + _rec(0).to_json() + "\n\n" + _rec(1).to_json() + "\n")
     assert read_results(path).ids == {"r0", "r1"}
+
+
+def test_real_engine_fields_round_trip_and_plain_records_stay_plain(tmp_path):
+    from hybrid_ray.payload import Completion, Payload, SamplingSpec
+    from hybrid_ray.results import OPTIONAL_FIELDS
+
+    req = Request("x", 4, 8, 0.0, Payload((1, 2, 3, 4), SamplingSpec(8, temperature=0.0)))
+    s = Sequence(req, 8, status=FINISHED, generated=3, first_token_s=0.1, finish_s=0.4, replica="g-0",
+                 completion=Completion([7, 8, 2], "ab ✓", "stop"))
+    rec = CompletionRecord.from_sequence(s)
+    assert (rec.text, rec.finish_reason, rec.output_tokens) == ("ab ✓", "stop", 3)
+    plain = _rec(1)
+    assert set(json.loads(plain.to_json())) == set(FIELDS)          # unchanged JSON when None
+    assert set(json.loads(rec.to_json())) == set(FIELDS) | set(OPTIONAL_FIELDS)
+    path = tmp_path / "r.jsonl"
+    with ResultsWriter(path) as w:
+        w.write([rec, plain])
+    assert read_results(path).records == [rec, plain]
+
+
+def test_openai_lines_need_their_parser_and_replace_file_is_atomic(tmp_path):
+    from hybrid_ray.results import OutputFormat, replace_file
+
+    path = tmp_path / "o.jsonl"
+    path.write_text(json.dumps({"id": "b", "custom_id": "c", "response": None, "error": {"code": "x"}}) + "\n")
+    with pytest.raises(ResultsError, match="OpenAI batch output line"):
+        read_results(path)                                            # results.py knows no other format
+    calls = []
+    fmt = OutputFormat(parse=lambda obj, where: calls.append(where) or _rec(9), finalize=lambda p: calls.append(p))
+    assert fmt.read(path).ids == {"r9"} and calls == [f"{path} line 1"]
+    fmt.finish(path)
+    fmt.finish(tmp_path / "missing.jsonl")                            # no file: nothing to finalize
+    assert calls[-1] == path and len(calls) == 2
+    replace_file(path, ["a", "b"])
+    assert path.read_text() == "a\nb\n" and [p.name for p in tmp_path.iterdir()] == ["o.jsonl"]

@@ -127,7 +127,7 @@ def test_plan_dispatch_complete(ray_session, tmp_path):
     assert s.makespan_s >= s.lower_bound_s > 0
     assert 0 < s.utilization_slots <= s.utilization_busy <= 1
     assert data["failed_replicas"] == 0 and data["requeued"] == 0
-    assert 0 < data["controller_decision_p99_s"] < 0.05
+    assert data["controller_decision_p99_s"] > 0        # timed and reported; its bound: `bench load` (slow test)
     assert 0 < data["messages_per_request"] < 10
     assert s.output_tokens == sum(q.output_tokens for q in requests)
     sim = simulate(cluster, build_scheduler("offline", cluster, requests, plan=res.plan), requests)
@@ -135,22 +135,29 @@ def test_plan_dispatch_complete(ray_session, tmp_path):
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("policy, knobs", [
-    ("baseline", {}),
-    ("hybrid", {}),                                                  # plan + Lagrangian rule + controller
-    # pull-based dispatcher: blocks of 8, the next one released when one completes (with one block in
-    # flight per replica, the replica idles until then, so Ray's latency does not enter modelled time)
-    ("raydata", {"raydata": {"batch_size": 8, "max_concurrent_batches": 1}}),
+@pytest.mark.parametrize("policy, knobs, time_scale, makespan_rel", [
+    ("baseline", {}, None, 0.05),
+    ("hybrid", {}, None, 0.05),                                      # plan + Lagrangian rule + controller
+    # pull-based dispatcher: blocks of 8, the next one released when one completes. Each hand-off goes
+    # through Ray, and the replica idles meanwhile: Ray's latency / time_scale is modelled idle time the
+    # simulator does not have, and it grows with the host's load (-13 %..+20 % makespan at the config's
+    # 0.02 on a busy 2-core host). At 0.1 that is 5 x smaller; the work itself is compared exactly.
+    ("raydata", {"raydata": {"batch_size": 8, "max_concurrent_batches": 1}}, 0.1, 0.10),
 ])
-def test_run_agrees_with_simulate(ray_session, policy, knobs):
+def test_run_agrees_with_simulate(ray_session, policy, knobs, time_scale, makespan_rel):
     cluster, requests = load_inputs("paper_llama65b", "gsm8k", 120)
     cluster = replace(cluster, policy=knobs)
-    res = run(RunOptions(policy=policy, plan_method="lpt", **PAPER), cluster=cluster, requests=requests)
+    res = run(RunOptions(policy=policy, plan_method="lpt", time_scale=time_scale, **PAPER), cluster=cluster,
+              requests=requests)
     sim = simulate(cluster, build_scheduler(policy, cluster, requests, plan=res.plan), requests)
     assert res.summary.requests_completed == 120
-    assert res.summary.makespan_s == pytest.approx(sim.makespan_s, rel=0.05)
+    assert res.summary.makespan_s == pytest.approx(sim.makespan_s, rel=makespan_rel)
     assert res.summary.iterations == pytest.approx(sum(len(r.records) for r in sim.replicas), rel=0.05)
     assert res.summary.output_tokens == sum(q.output_tokens for q in requests)
+    if policy != "hybrid":           # no timing-driven moves: the same iterations, the same modelled busy time
+        assert res.summary.iterations == sum(len(r.records) for r in sim.replicas)
+        busy = [sum(it.end_s - it.start_s for r in rec.replicas for it in r.records) for rec in (res.record, sim)]
+        assert busy[0] == pytest.approx(busy[1], rel=1e-9)
 
 
 @pytest.mark.ray
@@ -204,10 +211,10 @@ def test_all_replicas_killed_then_resume(ray_session, tmp_path):
             for i in sorted(d.live):
                 ray_session.kill(d.handles[i])
 
-    t0 = time.perf_counter()
+    # a heartbeat far longer than the run: a loaded host must not time out a live replica, and the kills
+    # must be seen from the actors' deaths, not waited out (the message would say "no answer for 120 s")
     with pytest.raises(ReplicasLostError) as info:
-        run(RunOptions(limit=200, output=str(out), time_scale=0.05, heartbeat_timeout_s=5, **PAPER), hook=hook)
-    assert time.perf_counter() - t0 < 30
+        run(RunOptions(limit=200, output=str(out), time_scale=0.05, heartbeat_timeout_s=120, **PAPER), hook=hook)
     err = info.value
     finished = read_results(out).ids
     assert len(finished) >= 30
@@ -216,6 +223,8 @@ def test_all_replicas_killed_then_resume(ray_session, tmp_path):
     assert open(err.path).read().split() == err.unfinished
     msg = str(err)
     assert "all 4 replicas failed" in msg and err.unfinished[0] in msg and f"--resume {out}" in msg
+    assert "no answer for" not in msg
+    assert msg.count(": actor died (") + msg.count(": unreachable from the controller") == 4, msg
 
     res = run(RunOptions(limit=200, resume=str(out), time_scale=0.05, **PAPER))
     _ids_once(out, [q.id for q in requests])
@@ -271,11 +280,16 @@ def test_existing_output_needs_resume(ray_session, tmp_path):
 
 
 @pytest.mark.ray
-def test_missing_gpus_fail_fast(ray_session):
-    t0 = time.perf_counter()
+def test_missing_gpus_fail_fast(ray_session, monkeypatch):
+    """Fast = before planning and before any actor asks Ray for the GPUs it would wait for (counted)."""
+    from hybrid_ray.actors.driver import Driver
+
+    reached = []
+    monkeypatch.setattr(Driver, "_make_scheduler", lambda self: reached.append("plan"))
+    monkeypatch.setattr(Driver, "_create_actors", lambda self, per_replica: reached.append("actors"))
     with pytest.raises(RuntimeSetupError) as info:
         run(RunOptions(config="paper_llama65b", limit=5, progress=False))
-    assert time.perf_counter() - t0 < 5
+    assert reached == []
     msg = str(info.value)
     assert "'llama65b-tp2'" in msg and "2 GPU per replica" in msg and "largest node: 0 GPU" in msg
     assert "CPU 8" in msg and "--cpus-per-replica" in msg
@@ -290,15 +304,31 @@ def test_too_many_cpus_fail_fast(ray_session):
 
 
 @pytest.mark.ray
-def test_bad_addresses_fail_fast(ray_session):
-    t0 = time.perf_counter()
+def test_bad_addresses_fail_fast(ray_session, monkeypatch):
+    """Fast = one bounded TCP probe at most, never ray.init's minutes of retries (counted, not timed)."""
+    from types import SimpleNamespace
+
+    import ray
+
+    from hybrid_ray.actors import session
+
+    probes, inits = [], []
+    connect = session.socket.create_connection
+
+    def probe(addr, timeout=None, *a, **k):
+        probes.append((addr, timeout))
+        return connect(addr, timeout, *a, **k)
+
+    monkeypatch.setattr(session, "socket", SimpleNamespace(create_connection=probe))
+    monkeypatch.setattr(ray, "init", lambda *a, **k: inits.append(a or k))
     with pytest.raises(RuntimeSetupError, match="cannot reach 127.0.0.1:1"):
         connect_ray("127.0.0.1:1", timeout_s=5)
+    assert probes == [(("127.0.0.1", 1), 5.0)] and inits == []
     with pytest.raises(RuntimeSetupError, match="ray job submit"):
         connect_ray("http://127.0.0.1:8265")
     with pytest.raises(RuntimeSetupError, match="not a number"):
         connect_ray("127.0.0.1:http")
-    assert time.perf_counter() - t0 < 6
+    assert len(probes) == 1 and inits == []           # both refused before any connection attempt
 
 
 def test_inside_a_ray_job_no_address_means_the_jobs_cluster(monkeypatch):
@@ -350,17 +380,19 @@ def test_address_that_is_not_ray_times_out(tmp_path):
                 conns.append(srv.accept()[0])
             except OSError:
                 pass
+        accepted.append(len(conns))
         for c in conns:
             c.close()
 
+    accepted = []
     t = threading.Thread(target=accept, daemon=True)
     t.start()
     try:
-        t0 = time.perf_counter()
+        # the hang guard: Ray alone retries such a port for minutes; 180 s leaves a loaded host the
+        # interpreter's and Ray's start-up, which are not what this test is about
         proc = subprocess.run([sys.executable, "-m", "hybrid_ray.cli", "run", "--address", f"127.0.0.1:{port}",
                                "--connect-timeout", "3", "--limit", "5", "--no-progress"],
-                              capture_output=True, text=True, timeout=60)
-        elapsed = time.perf_counter() - t0
+                              capture_output=True, text=True, timeout=180)
     finally:
         stop.set()
         t.join()
@@ -368,7 +400,7 @@ def test_address_that_is_not_ray_times_out(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "hybrid-ray: error:" in proc.stderr and "no Ray cluster answered within 3 s" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert elapsed < 20
+    assert accepted and accepted[0] >= 1      # the TCP probe got through: ray.init was what timed out
 
 
 # -- slow: the embedded default from a shell, and the load benchmark -------------------------------

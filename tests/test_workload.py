@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -42,9 +41,7 @@ def test_gsm8k_limit_keeps_file_order() -> None:
 
 
 def test_azure_conv() -> None:
-    start = time.perf_counter()
     reqs = load_azure("conv")
-    elapsed = time.perf_counter() - start
     stats = workload_stats(reqs)
     assert stats["count"] == 19366
     assert stats["prompt_mean"] == pytest.approx(1155, abs=1)
@@ -56,7 +53,31 @@ def test_azure_conv() -> None:
     assert reqs[1].arrival_s == pytest.approx(4.314579)  # 18:15:50.9951690 - 18:15:46.6805900
     assert reqs[0] == Request("azure-conv-0", 374, 44, 0.0)
     assert min(r.output_tokens for r in reqs) >= 1
-    assert elapsed < 1.0
+
+
+def test_azure_parses_each_row_once_and_limit_stops_early(monkeypatch) -> None:
+    """Counted work, not wall time: one timestamp parse per row; ``limit`` stops reading the file."""
+    from hybrid_ray import workload
+
+    calls = {"parse": 0, "rows": 0}
+    parse, rows = workload._parse_timestamp, workload._open_bundled_csv
+
+    def counting_parse(text):
+        calls["parse"] += 1
+        return parse(text)
+
+    def counting_rows(resource):
+        for item in rows(resource):
+            calls["rows"] += 1
+            yield item
+
+    monkeypatch.setattr(workload, "_parse_timestamp", counting_parse)
+    monkeypatch.setattr(workload, "_open_bundled_csv", counting_rows)
+    assert len(load_azure("conv")) == 19366
+    assert calls == {"parse": 19366, "rows": 19366}
+    calls.update(parse=0, rows=0)
+    assert [r.id for r in load_azure("conv", limit=10)] == [f"azure-conv-{i}" for i in range(10)]
+    assert calls["parse"] == 10 and calls["rows"] <= 11          # not the other 19,356 rows
 
 
 def test_azure_code() -> None:

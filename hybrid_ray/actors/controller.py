@@ -13,6 +13,10 @@ the decisions out (``add``, ``take_back`` + ``add``) and keeps books:
   which requests to recompute (``replica_failed``);
 * decision latencies (wall time of each router / controller call) and message counts.
 
+When the driver's length predictor learns from completions and its predictions move, it hands the
+new table to ``set_predictions``: the controller pushes it to every live replica (each re-predicts
+its not-yet-started queue and answers with its new load) and rebalances at once on those loads.
+
 A failed replica looks, to the router, infinitely loaded and with nothing to move, and the
 controller does not see it at all. If a router still picks it (round robin, or a plan made
 before the failure), the request goes to the least-loaded live replica instead (the baseline's
@@ -45,6 +49,7 @@ class ControllerStats:
     rebalance_latency_s: list[float] = field(default_factory=list)  # wall time of each controller call
     messages: dict = field(default_factory=dict)                    # received / sent, by method
     moves: int = 0                                                  # sequences moved
+    prediction_updates: int = 0                                     # prediction tables pushed to replicas
     rerouted_from_dead: int = 0
     dead: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -81,6 +86,7 @@ class ControllerActor:
         self.clock: ModelClock | None = None
         self._task: asyncio.Task | None = None
         self._stop = False
+        self._rebalancing = asyncio.Lock()  # one rebalance at a time (periodic, or after new predictions)
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def ready(self) -> bool:
@@ -115,10 +121,7 @@ class ControllerActor:
         self.msgs["report"] += 1
         if index in self.dead:
             return
-        if tag > self.report_tag[index] or (tag == self.report_tag[index] and rep.now >= self.reports[index].now):
-            self.reports[index] = rep
-            self.report_tag[index] = tag
-            self.deltas[index] = [d for d in self.deltas[index] if d.tag > tag]
+        self._store(index, rep, tag)
         if finished and self.dispatcher is not None:
             mine = [s for s in finished if s.id in self.dispatched]
             if mine:
@@ -128,6 +131,32 @@ class ControllerActor:
                 self.stats.route_latency_s.append(time.perf_counter() - t0)
                 self.dispatched.update(s.id for s, _ in pairs)
                 await self._place(pairs, max(s.finish_s for s in mine))
+
+    async def set_predictions(self, table, rekey, version: int) -> int:
+        """Push new length predictions to the live replicas, take their re-predicted loads, and
+        rebalance now (the loads moved). Returns how many replicas applied them."""
+        self.msgs["set_predictions"] += 1
+        live = [i for i in range(len(self.handles)) if i not in self.dead]
+        self.msgs["repredict"] += len(live)
+        answers = await asyncio.gather(*(self._call(self.handles[i].set_predictions.remote(table, rekey, version))
+                                         for i in live), return_exceptions=True)
+        applied = 0
+        for i, ans in zip(live, answers):
+            if isinstance(ans, BaseException):
+                continue                  # dead or hung: the driver's poll finds out
+            rep, tag = ans
+            self._store(i, rep, tag)
+            applied += 1
+        self.stats.prediction_updates += 1
+        if self.ctrl is not None and self.clock is not None and applied:
+            try:
+                async with self._rebalancing:
+                    await self._rebalance()
+            except NoLiveReplicaError:
+                pass
+            except Exception as e:       # noqa: BLE001 -- as in the periodic loop: keep routing
+                self.stats.errors.append(f"{type(e).__name__}: {e}")
+        return applied
 
     async def route(self, seqs: list[Sequence]) -> list[int]:
         """Route newly arrived sequences with the scheduler's router (or dispatcher); returns targets."""
@@ -166,6 +195,15 @@ class ControllerActor:
         self.dead.add(index)
         self.deltas[index] = []
         return [rid for rid, i in self.where.items() if i == index]
+
+    def _store(self, index: int, rep: LoadReport, tag: int) -> None:
+        """Keep a replica's report if it is at least as new as the stored one."""
+        if index in self.dead:
+            return
+        if tag > self.report_tag[index] or (tag == self.report_tag[index] and rep.now >= self.reports[index].now):
+            self.reports[index] = rep
+            self.report_tag[index] = tag
+            self.deltas[index] = [d for d in self.deltas[index] if d.tag > tag]
 
     def _loads(self) -> list[LoadReport]:
         """What the router and controller see: latest reports + changes sent since, dead ones inflated."""
@@ -244,7 +282,8 @@ class ControllerActor:
         while not self._stop:
             await asyncio.sleep(period)
             try:
-                await self._rebalance()
+                async with self._rebalancing:
+                    await self._rebalance()
             except NoLiveReplicaError:
                 return
             except Exception as e:       # noqa: BLE001 -- keep routing even if one rebalance failed

@@ -11,6 +11,10 @@ replica whose poll fails with ``RayActorError`` or stays unanswered past the hea
 declared failed (and killed, so it cannot finish anything late): every request booked there that
 has not finished is recomputed from its prompt on the survivors. If none survive, the run stops
 with the unfinished ids, also written to a file, and ``--resume`` picks up from the output.
+
+Output lengths: the driver owns the scheduler's length predictor. Each completion tells it a true
+length (``observe``); when that moves its predictions (``version``), the new table goes to the
+controller, which has every replica re-predict its queued work and rebalances, as ``simulate`` does.
 """
 from __future__ import annotations
 
@@ -26,8 +30,8 @@ from ..engines import engine_spec
 from ..errors import HybridRayError, ReplicasLostError, RuntimeSetupError
 from ..progress import Progress
 from ..replica import FINISHED, LoadReport, ReplicaState, Sequence
-from ..results import CompletionRecord, ResultsWriter
-from ..runtime import RunOptions, RunResult, engine_label
+from ..results import PLAIN, CompletionRecord, ResultsWriter
+from ..runspec import RunOptions, RunResult, engine_label   # not ..runtime: it imports this module
 from ..workload import Request
 from .session import actor_options, check_resources, connect_ray, describe_resources, group_resources, local_cpus
 
@@ -87,6 +91,13 @@ class Driver:
         self.t_first = self.requests[0].arrival_s if self.requests else 0.0
         self.epoch = 0.0
         self.replica_stats: list = []
+        # --history: read now, so a bad file fails before Ray starts
+        self.history = None
+        if opts.history:
+            from ..history import load_history
+            self.history = load_history(opts.history)
+        self.pred_version = 0                  # predictor version last pushed to the replicas
+        self.pred_refs: list = []              # set_predictions calls in flight
 
     @property
     def done(self) -> int:
@@ -102,15 +113,16 @@ class Driver:
 
         if self.scheduler is not None:
             return self.scheduler
+        from ..policies.predict import make_predictor
+
         plan = None
         seed = self.opts.seed or 0
+        # one predictor: the plan is made with it, and the scheduler keeps learning with it
+        predictor = make_predictor(self.opts.lengths, self.requests, seed, history=self.history)
         if needs_plan(self.opts.policy):
             import numpy as np
 
-            from ..policies.predict import make_predictor
-
             batch = initial_batch(self.requests)
-            predictor = make_predictor(self.opts.lengths, self.requests, seed)   # as build_scheduler's
             predicted = np.array([predictor.predict(q) for q in batch], dtype=np.float64)
             self.planner = remote_class(PlannerActor).options(
                 name=f"hybrid-ray-{self.run_id}-planner", num_cpus=0, max_restarts=0).remote()
@@ -126,7 +138,7 @@ class Driver:
             ray.kill(self.planner)
             self.planner = None
         return build_scheduler(self.opts.policy, self.cluster, self.requests, plan=plan, lengths=self.opts.lengths,
-                               seed=seed)
+                               seed=seed, predictor=predictor)
 
     def _create_actors(self, per_replica: dict[str, dict[str, float]]) -> None:
         import ray
@@ -180,7 +192,7 @@ class Driver:
                             [n["Resources"] for n in ray.nodes() if n.get("Alive")])
             self.scheduler = self._make_scheduler()
             if self.opts.output:
-                self.writer = ResultsWriter(self.opts.output, append=True, formatter=self.opts.record_format)
+                self.writer = (self.opts.output_format or PLAIN).writer(self.opts.output, append=True)
             self._create_actors(per_replica)
             run_wall = self._loop(progress)
             states, cstats = self._collect()
@@ -237,7 +249,7 @@ class Driver:
                     poll_ref[i] = self.handles[i].poll.remote(opts.poll_wait_s)
                     poll_sent[i] = now
                     self.msgs["poll"] += 1
-            refs = list(poll_ref.values()) + route_refs
+            refs = list(poll_ref.values()) + route_refs + self.pred_refs
             timeout = tick
             if k < n:
                 due = max(next_dispatch, clock.real_at(reqs[k].arrival_s) - lead)
@@ -253,6 +265,10 @@ class Driver:
             for r in [r for r in route_refs if r in ready_set]:
                 route_refs.remove(r)
                 self._controller_call(lambda: ray.get(r))   # other controller failures are fatal
+            for r in [r for r in self.pred_refs if r in ready_set]:
+                self.pred_refs.remove(r)
+                ray.get(r)
+                self._push_predictions()               # a version that moved meanwhile
             now = time.time()
             for i, ref in list(poll_ref.items()):
                 if ref in ready_set:
@@ -293,10 +309,23 @@ class Driver:
             self.tokens += rec.output_tokens
             self.last_finish = max(self.last_finish, rec.finish_s)
             new.append(rec)
+            self.scheduler.predictor.observe(self.by_id[rec.id], rec.output_tokens)   # the true length
+        self._push_predictions()
         if self.writer is not None and new:
             self.writer.write(new)
         if self.hook is not None and new:
             self.hook(self)
+
+    def _push_predictions(self) -> None:
+        """If the predictor's version moved, send its table to the controller (which re-predicts the
+        replicas' queues and rebalances); one call in flight at most, the newest version wins."""
+        pred = self.scheduler.predictor
+        if pred.version == self.pred_version or self.pred_refs or self.controller is None:
+            return
+        self.pred_version = pred.version
+        self.pred_refs.append(self.controller.set_predictions.remote(pred.snapshot(), self.scheduler.rekey,
+                                                                     pred.version))
+        self.msgs["set_predictions"] += 1
 
     def _fail(self, i: int, reason: str) -> None:
         """Declare replica i failed; recompute its unfinished requests on the survivors."""
@@ -401,17 +430,21 @@ class Driver:
         from ..simulator import RunRecord
 
         seqs = []
+        first = self.scheduler.first_predictions
+        started = {s.id: s.predicted_output for st in states for s in st.finished}   # what each started with
         for rec in self.completed.values():
             req = self.by_id[rec.id]
-            seqs.append(Sequence(req, req.output_tokens, status=FINISHED, generated=rec.output_tokens,
-                                 first_token_s=rec.first_token_s, finish_s=rec.finish_s, preemptions=rec.preemptions,
-                                 replica=rec.replica))
+            seqs.append(Sequence(req, started.get(rec.id, first.get(rec.id, -1)), status=FINISHED,
+                                 generated=rec.output_tokens, first_token_s=rec.first_token_s, finish_s=rec.finish_s,
+                                 preemptions=rec.preemptions, replica=rec.replica,
+                                 predicted_first=first.get(rec.id, -1)))
         record = RunRecord(self.scheduler.name, self.cluster.source, states, seqs, cstats.moves,
-                           extra={"failed_replicas": list(self.failed)})
+                           extra={"failed_replicas": list(self.failed), "predictor": self.scheduler.predictor.name,
+                                  "prediction_versions": self.scheduler.predictor.version})
         summary = summarize(record, lower_bound(self.cluster, self.requests).value_s)
         messages = Counter(self.msgs)
         for key, count in cstats.messages.items():
-            if key in ("report", "add", "take_back"):     # the rest were counted where they were sent
+            if key in ("report", "add", "take_back", "repredict"):   # the rest were counted where they were sent
                 messages[key] += count
         total_msgs = sum(messages.values())
         late = sum(st.late for st in self.replica_stats)

@@ -101,6 +101,7 @@ class ReplicaActor:
         self._stop = False
         self._last_push = 0.0
         self._started = 0.0                # modelled start of the iteration in flight
+        self.predictions = 0               # version of the length predictions its queue was re-predicted with
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def ready(self) -> str:
@@ -185,6 +186,20 @@ class ReplicaActor:
                 pass
         out, self._done = self._done, []
         return PollResult(out, self.report(), self.stats.iterations, self._behind())
+
+    async def set_predictions(self, table, rekey: Callable[[Sequence], float] | None, version: int
+                              ) -> tuple[LoadReport, int]:
+        """New output-length predictions (``table.predict``, version ``version``): re-predict the queued
+        sequences that never started, with ``ReplicaState.repredict`` as the simulator does (and those
+        not yet visible). Returns the load report and tag after it, for the controller."""
+        if version > self.predictions:
+            self.predictions = version
+            self.state.repredict(table.predict, rekey)
+            for _, _, s in self._arriving:
+                s.predicted_output = table.predict(s.req)
+                if rekey is not None:
+                    s.sort_key = rekey(s)
+        return self.report(), self.tag
 
     def report(self) -> LoadReport:
         """The state's load report, counting sequences not yet visible as queued."""

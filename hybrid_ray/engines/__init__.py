@@ -35,9 +35,12 @@ def engine_spec(kind: str, model: str | None = None, device: str = "cpu", seed: 
                 cpus: float | None = None) -> dict | None:
     """``make_engine`` keyword arguments for a replica actor (None: the emulated engine).
 
-    Checked here, on the driver, so a missing extra or a bad model fails before any actor starts.
+    Checked here, on the driver, so a missing extra or a bad model fails before any actor starts: a
+    model directory must exist and hold config.json, a tokenizer and an architecture transformers knows
+    (``model_dir.check_model_dir``; a ``ModelDirError``, printed as one line by the CLI).
     A CPU engine gets as many torch threads as its actor reserves CPUs (replicas share the host).
     """
+    from .model_dir import check_model_dir
     from .transformers import EngineSetupError, check_model   # no torch import: numpy only
 
     if kind == "emulated":
@@ -51,9 +54,14 @@ def engine_spec(kind: str, model: str | None = None, device: str = "cpu", seed: 
                                    f"{' and '.join(missing)}: pip install torch==2.13.0 && pip install -e '.[engine]'"
                                    f"; or pass --engine emulated to emulate the replicas with the cost model")
         check_model(model or DEFAULT_MODEL)
-    elif importlib.util.find_spec("vllm") is None:
-        raise EngineSetupError("the vllm engine (--engine, or the config's engine:) needs vLLM (CUDA): "
-                               "pip install -e '.[vllm]'; or pass --engine emulated")
+    else:
+        if importlib.util.find_spec("vllm") is None:
+            raise EngineSetupError("the vllm engine (--engine, or the config's engine:) needs vLLM (CUDA): "
+                                   "pip install -e '.[vllm]'; or pass --engine emulated")
+        if not model:
+            raise EngineSetupError("the vllm engine needs --model: a local model directory (hybrid-ray make-model "
+                                   "DIR writes a tiny one)")
+        check_model_dir(model, "vllm")
     threads = max(1, int(cpus)) if cpus and not device.startswith("cuda") else None
     return dict(kind=kind, model=model, device=device, seed=seed, threads=threads)
 

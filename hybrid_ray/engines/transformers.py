@@ -2,8 +2,18 @@
 
 The replica's policy and ``ReplicaState.begin`` decide what runs; this engine only executes it:
 the prefill chunks of ``it.prefill`` and, if ``it.decode``, one token for every running sequence.
-Outputs are greedy and EOS is ignored, so a request generates exactly ``output_tokens`` tokens,
-as the state machine assumes. Durations are measured wall seconds (``time_scale`` is 1).
+Durations are measured wall seconds (``time_scale`` is 1).
+
+Two kinds of request. A count-only request (no payload: emulation studies, presets) gets a
+synthetic prompt, greedy outputs and EOS ignored, so it generates exactly ``output_tokens``
+tokens, as the state machine assumes. A real request (``req.payload``: an OpenAI batch line
+tokenized by the model's own tokenizer) runs its prompt token ids with its sampling (greedy at
+temperature 0; else penalties, temperature, top-k, top-p with a per-request ``torch.Generator``
+seeded by ``seed``) and stops, in vLLM's order, at EOS (unless ``ignore_eos``), at a stop string
+(the text is cut before it, as vLLM does), or at max_tokens. Every real request the engine
+finishes comes back as a ``Completion`` in ``EngineResult.completions``; ``ReplicaState.settle``
+frees one our state still counts as running (an early stop), which is how the state learns
+its true length.
 
 KV cache. Each sequence keeps its own KV buffer (allocated once for prompt + output tokens).
 Prefill rows (whole prompts, chunks, recomputes) run as one padded batch: per row ``[its past,
@@ -13,10 +23,11 @@ packed into a single row (every past back to back, a 4-D mask letting each new t
 its own past), so unequal contexts cost their total, not the longest x B. A mixed iteration runs
 both forward passes; the measured duration covers both. A preempted sequence loses its cache and
 keeps its tokens; its next prefill recomputes prompt + generated tokens, exactly as
-``ReplicaState`` counts it, and greedy decoding continues unchanged.
+``ReplicaState`` counts it, and decoding continues unchanged (a sampling request keeps its
+generator). A sequence lost with its replica starts again from its prompt elsewhere.
 
-Prompts are synthetic: token ids drawn from a generator seeded by the request id (our workloads
-only carry token counts), identical on every replica and in every process.
+Synthetic prompts: token ids drawn from a generator seeded by the request id, identical on every
+replica and in every process.
 
 Models: a preset name (``tiny``, ``small``, ``llama-7b``, ...; random weights from a fixed seed,
 nothing downloaded), a preset with overrides (``llama-7b:layers=4``), or a local model directory
@@ -37,8 +48,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import HybridRayError
+from ..payload import LENGTH, STOP, Completion, Payload, SamplingSpec
 from ..replica import Iteration, ReplicaState, Sequence
 from .base import EngineResult
+from .model_dir import check_model_dir
 
 # LLaMA shapes: hidden, intermediate (FFN), layers, attention heads, KV heads, vocab
 PRESETS: dict[str, dict[str, int]] = {
@@ -72,10 +85,14 @@ def parse_model(model: str) -> dict[str, int] | None:
 
 
 def check_model(model: str) -> None:
-    """Fail early (on the driver, before actors start) for a model that is neither preset nor directory."""
-    if parse_model(model) is None and not Path(model).is_dir():
-        raise EngineSetupError(f"--model {model}: not a preset ({', '.join(PRESETS)}, or PRESET:layers=N,...) "
-                               f"and not a local model directory")
+    """Fail early (on the driver, before actors start, no torch import) for a model that is neither a
+    preset nor a loadable directory: missing, no config.json or tokenizer, unknown architecture."""
+    if parse_model(model) is not None:
+        return
+    if not Path(model).exists():
+        raise EngineSetupError(f"--model {model}: no such model directory, and not a preset "
+                               f"({', '.join(PRESETS)}, or PRESET:layers=N,...)")
+    check_model_dir(model, "transformers")
 
 
 def load_model(model: str, device: str = "cpu", dtype: str | None = None, seed: int = 0):
@@ -102,6 +119,28 @@ def load_model(model: str, device: str = "cpu", dtype: str | None = None, seed: 
     return m.to(torch_dtype).eval()
 
 
+def load_tokenizer(model: str):
+    """The model directory's own tokenizer, or None (a preset, or a directory without one: synthetic path)."""
+    if parse_model(model) is not None or not any((Path(model) / f).is_file()
+                                                  for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model, local_files_only=True)
+
+
+def eos_token_ids(model, tokenizer) -> frozenset[int]:
+    """Token ids that end a real request: the tokenizer's EOS and the generation config's (as vLLM)."""
+    ids: set[int] = set()
+    for src in (getattr(model, "generation_config", None), getattr(model, "config", None), tokenizer):
+        v = getattr(src, "eos_token_id", None) if src is not None else None
+        if isinstance(v, int):
+            ids.add(v)
+        elif isinstance(v, (list, tuple)):
+            ids.update(int(x) for x in v)
+    return frozenset(ids)
+
+
 def keep_freed_memory() -> None:
     """Let glibc reuse freed tensor memory instead of returning it to the OS (best effort, Linux).
 
@@ -126,16 +165,24 @@ def synthetic_tokens(key: str, n: int, vocab: int) -> list[int]:
 class _Seq:
     tokens: list[int]            # prompt + generated
     prompt: int
-    limit: int                   # output tokens to generate (the request's output_tokens)
+    limit: int                   # output tokens to generate at most (the request's output_tokens)
     kv: Any = None               # (prompt + limit, layers, 2, kv_heads, head_dim), token-major, allocated once
     cached: int = 0              # tokens of ``kv`` that are valid
+    sampling: SamplingSpec | None = None   # a real request (payload); None: greedy, EOS ignored
+    generator: Any = None        # torch.Generator of a sampling request
+    counts: dict[int, int] | None = None   # generated token -> count (presence / frequency penalties)
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[self.prompt:]
 
 
 @dataclass(slots=True)
 class StepResult:
     seconds: float                                            # measured wall time of the forward passes
     tokens: dict[str, int] = field(default_factory=dict)      # new token by sequence id
-    finished: list[str] = field(default_factory=list)         # sequences that reached their limit
+    finished: list[str] = field(default_factory=list)         # sequences that reached their limit or stopped
+    completions: dict[str, Completion] = field(default_factory=dict)   # finished real requests
 
 
 class TransformersEngine:
@@ -155,7 +202,10 @@ class TransformersEngine:
         self.torch = torch
         self.model_name = model
         self.device = device
+        self.seed = seed
         self.model = load_model(model, device, dtype, seed)
+        self.tokenizer = load_tokenizer(model)
+        self.eos_ids = eos_token_ids(self.model, self.tokenizer)
         cfg = self.model.config
         self.vocab = int(cfg.vocab_size)
         self.layers = int(cfg.num_hidden_layers)
@@ -189,7 +239,7 @@ class TransformersEngine:
             prefill.append((s.id, s.prefilled - n, n))      # begin() already counted this chunk
         decode = [s.id for s in state.running.values()] if it.decode else []
         res = await asyncio.to_thread(self.step, prefill, decode)   # the actor keeps answering polls
-        return EngineResult(res.seconds)
+        return EngineResult(res.seconds, res.completions)
 
     def reset_pace(self) -> None:
         """Nothing to pace: a real engine's iterations take the time they take."""
@@ -200,13 +250,31 @@ class TransformersEngine:
         toks = synthetic_tokens(key, prompt + generated, self.vocab)
         self._seqs[key] = _Seq(toks, prompt, limit)
 
+    def add_payload(self, key: str, payload: Payload, limit: int) -> None:
+        """Register a real request: its prompt token ids, sampling and stops (see the module docstring)."""
+        sp = payload.sampling
+        gen = None
+        if not sp.greedy:
+            gen = self.torch.Generator(device="cpu")
+            gen.manual_seed(sp.seed if sp.seed is not None else zlib.crc32(key.encode()) ^ self.seed)
+        counts = {} if (sp.presence_penalty or sp.frequency_penalty) else None
+        self._seqs[key] = _Seq(list(payload.token_ids), len(payload.token_ids), limit, sampling=sp,
+                               generator=gen, counts=counts)
+
     def forget(self, key: str) -> None:
         self._seqs.pop(key, None)
 
     def _ensure(self, s: Sequence) -> None:
-        if s.id not in self._seqs:
+        if s.id in self._seqs:
+            return
+        if s.req.payload is None:
             # a sequence that generated tokens elsewhere (moved after a failure) continues from filler tokens
             self.add_sequence(s.id, s.req.prompt_tokens, s.req.output_tokens, s.generated)
+            return
+        if s.generated:
+            raise RuntimeError(f"{s.id}: a real request that generated {s.generated} tokens on another replica "
+                               f"reached this one; it must restart from its prompt (generated = 0)")
+        self.add_payload(s.id, s.req.payload, s.req.output_tokens)
 
     def _drop_preempted(self, state: ReplicaState) -> None:
         """Free the cache of sequences that lost their batch slot (recompute preemption)."""
@@ -230,13 +298,47 @@ class TransformersEngine:
         for key, tok in new.items():
             q = self._seqs[key]
             q.tokens.append(tok)
-            if len(q.tokens) - q.prompt >= q.limit:
-                res.finished.append(key)
-                if self.keep_outputs:
-                    self.outputs[key] = q.tokens[q.prompt:]
-                del self._seqs[key]
+            if q.sampling is None:
+                if len(q.tokens) - q.prompt < q.limit:
+                    continue
+            else:
+                if q.counts is not None:
+                    q.counts[tok] = q.counts.get(tok, 0) + 1
+                c = self._stopped(q, tok)
+                if c is None:
+                    continue
+                res.completions[key] = c
+            res.finished.append(key)
+            if self.keep_outputs:
+                self.outputs[key] = q.generated
+            del self._seqs[key]
         self.iterations += 1
         return res
+
+    def _stopped(self, q: _Seq, tok: int) -> Completion | None:
+        """The completion of a real request that stops at ``tok``, else None. vLLM's order: EOS, a stop
+        string (text cut before it), max_tokens. The EOS token counts as generated, not as text."""
+        sp = q.sampling
+        gen = q.generated
+        if tok in self.eos_ids and not sp.ignore_eos:
+            return Completion(gen, self._decode_text(gen), STOP)
+        if sp.stop:
+            text = self._decode_text(gen)
+            for stop in sp.stop:
+                i = text.find(stop)
+                if i >= 0:
+                    return Completion(gen, text[:i], STOP)
+            if len(gen) >= q.limit:
+                return Completion(gen, text, LENGTH)
+            return None
+        if len(gen) >= q.limit:
+            return Completion(gen, self._decode_text(gen), LENGTH)
+        return None
+
+    def _decode_text(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _row(self, key: str, start: int, n: int) -> tuple[_Seq, str, int, int]:
         q = self._seqs[key]
@@ -282,7 +384,8 @@ class TransformersEngine:
         if not done:
             return {}
         last = torch.tensor([rows[b][3] - 1 for b in done], device=dev)
-        return self._greedy([rows[b][1] for b in done], out.last_hidden_state[torch.tensor(done, device=dev), last])
+        return self._next_tokens([rows[b][1] for b in done],
+                                 out.last_hidden_state[torch.tensor(done, device=dev), last])
 
     def _decode(self, rows: list[tuple[_Seq, str, int, int]]) -> dict[str, int]:
         """One token per sequence, packed into a single row: no padding, whatever the contexts.
@@ -311,7 +414,7 @@ class TransformersEngine:
         new = new.permute(3, 0, 1, 2, 4)
         for b, (q, _, start, _) in enumerate(rows):
             self._store(q, start, new[b:b + 1])
-        return self._greedy([key for _, key, _, _ in rows], out.last_hidden_state[0])
+        return self._next_tokens([key for _, key, _, _ in rows], out.last_hidden_state[0])
 
     def _store(self, q: _Seq, start: int, kv) -> None:
         """Write KV of tokens ``start...`` into the sequence's buffer (allocated at its first use)."""
@@ -320,9 +423,38 @@ class TransformersEngine:
         q.kv[start:start + kv.shape[0]] = kv
         q.cached = start + kv.shape[0]
 
-    def _greedy(self, keys: list[str], hidden) -> dict[str, int]:
-        toks = self.head(hidden).argmax(-1).tolist()          # greedy; .tolist() waits for the device
+    def _next_tokens(self, keys: list[str], hidden) -> dict[str, int]:
+        """Each row's next token: the argmax, except for requests that sample or have penalties."""
+        logits = self.head(hidden)
+        toks = logits.argmax(-1).tolist()                    # greedy; .tolist() waits for the device
+        for b, key in enumerate(keys):
+            q = self._seqs[key]
+            sp = q.sampling
+            if sp is not None and not (sp.greedy and q.counts is None):
+                toks[b] = self._sample(q, logits[b].float().cpu().clone())
         return dict(zip(keys, toks))
+
+    def _sample(self, q: _Seq, logits) -> int:
+        """vLLM's order: presence / frequency penalties on generated tokens, then greedy, or temperature,
+        top-k, top-p and a draw from the request's own generator."""
+        torch, sp = self.torch, q.sampling
+        if q.counts:
+            ids = torch.tensor(list(q.counts), dtype=torch.long)
+            n = torch.tensor(list(q.counts.values()), dtype=logits.dtype)
+            logits[ids] -= sp.frequency_penalty * n + sp.presence_penalty
+        if sp.greedy:
+            return int(logits.argmax())
+        logits = logits / sp.temperature
+        if 0 < sp.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, sp.top_k).values[-1]
+            logits[logits < kth] = -float("inf")
+        if sp.top_p < 1.0:
+            order = torch.argsort(logits, descending=True)
+            probs = torch.softmax(logits[order], -1)
+            drop = torch.cumsum(probs, -1) - probs > sp.top_p   # keep the smallest prefix reaching top_p
+            logits[order[drop]] = -float("inf")
+        probs = torch.softmax(logits, -1)
+        return int(torch.multinomial(probs, 1, generator=q.generator))
 
 
 def _layer_kv(cache) -> list[tuple[Any, Any]]:

@@ -7,7 +7,7 @@ g. Predicted finish times are then recomputed with each group's own per-request 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -105,8 +105,10 @@ def make_plan(cluster: ClusterSpec, requests: list[Request], predicted_output: n
         order[r.name] = [requests[j].id for j in idx]
         finish[r.name] = max(float(work[gidx[m], idx].sum()), float(latency[gidx[m], idx].max(initial=0.0)))
     planned = max(finish.values(), default=0.0)
-    # the plan packs the requests as one batch (all present), so its bound must ignore arrivals too
-    lb = lower_bound(cluster, [replace(q, arrival_s=0.0) for q in requests])
+    # the plan packs the requests as one batch (all present), so its bound must ignore arrivals too;
+    # and it knows only the lengths it planned with (a planner never reads a true length)
+    lb = lower_bound(cluster, [Request(q.id, q.prompt_tokens, max(1, int(round(o))), 0.0)
+                               for q, o in zip(requests, output)])
     return Plan(
         assignment={requests[j].id: replicas[int(m)].name for j, m in enumerate(assign)},
         order=order, predicted_finish_s=finish, planned_makespan_s=planned,

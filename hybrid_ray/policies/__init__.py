@@ -97,12 +97,12 @@ def build_raydata(cluster: ClusterSpec, requests: list[Request], **_) -> Schedul
     return sch
 
 
-def build_lpt_engine(cluster: ClusterSpec, requests: list[Request], lengths: str = "oracle", seed: int = 0,
-                     **_) -> Scheduler:
+def build_lpt_engine(cluster: ClusterSpec, requests: list[Request], predictor=None, **_) -> Scheduler:
     """A per-engine batch scheduler (vLLM-Ascend's batch-job-aware one): least-loaded routing, then
     longest predicted output first inside each engine. No cluster plan, no controller."""
     return Scheduler("lpt-engine", LeastLoadedRouter(), lambda r: SortedQueue(FCFSPrefillFirst()),
-                     predictor=make_predictor(lengths, requests, seed), sort_key=longest_predicted_first)
+                     predictor=predictor or make_predictor("oracle", requests), sort_key=longest_predicted_first,
+                     rekey=longest_predicted_first)
 
 
 def initial_batch(requests: list[Request]) -> list[Request]:
@@ -123,13 +123,13 @@ def _planned(cluster: ClusterSpec, requests: list[Request], plan, predictor, pla
     return plan, {rid: index[name] for rid, name in plan.assignment.items()}
 
 
-def build_offline(cluster: ClusterSpec, requests: list[Request], plan=None, lengths: str = "oracle",
-                  seed: int = 0, **plan_opts) -> Scheduler:
+def build_offline(cluster: ClusterSpec, requests: list[Request], plan=None, predictor=None, seed: int = 0,
+                  **plan_opts) -> Scheduler:
     """The paper's offline method: planned assignment and start order, FCFS inside replicas.
 
     ``plan`` may come precomputed (e.g. from a PlannerActor); else it is made here.
     """
-    predictor = make_predictor(lengths, requests, seed)
+    predictor = predictor or make_predictor("oracle", requests)
     plan, assignment = _planned(cluster, requests, plan, predictor, plan_opts)
     rank = plan_rank(plan.rank())
     sch = Scheduler("offline", PlanRouter(assignment, LeastLoadedRouter()),
@@ -138,13 +138,13 @@ def build_offline(cluster: ClusterSpec, requests: list[Request], plan=None, leng
     return sch
 
 
-def build_hybrid(cluster: ClusterSpec, requests: list[Request], plan=None, lengths: str = "oracle",
-                 seed: int = 0, **plan_opts) -> Scheduler:
+def build_hybrid(cluster: ClusterSpec, requests: list[Request], plan=None, predictor=None, seed: int = 0,
+                 **plan_opts) -> Scheduler:
     """The hybrid method: offline plan + queue sorting + Lagrangian iteration rule + controller."""
     k = _knobs(cluster, "hybrid")
     if k["sort"] not in ("plan", "longest"):
         raise ConfigError(f"{cluster.source}: policy.hybrid.sort: expected 'plan' or 'longest', got {k['sort']!r}")
-    predictor = make_predictor(lengths, requests, seed)
+    predictor = predictor or make_predictor("oracle", requests)
     plan, assignment = _planned(cluster, requests, plan, predictor, plan_opts)
     key = plan_rank(plan.rank()) if k["sort"] == "plan" else longest_predicted_first
     groups = [r.group for r in cluster.replicas()]
@@ -159,7 +159,7 @@ def build_hybrid(cluster: ClusterSpec, requests: list[Request], plan=None, lengt
                     lambda r: SortedQueue(LagrangianPolicy(mult, mixed, horizon, chunk)),
                     RebalanceController(float(k["interval_s"]), float(k["threshold_s"]),
                                         float(k["rel_threshold"]), int(k["max_moves"])),
-                    predictor=predictor, sort_key=key)
+                    predictor=predictor, sort_key=key, rekey=None if k["sort"] == "plan" else key)
     sch.info["plan"] = plan
     return sch
 
@@ -200,10 +200,21 @@ def needs_plan(name: str) -> bool:
     return name in PLANNED
 
 
-def build_scheduler(name: str, cluster: ClusterSpec, requests: list[Request], **kw) -> Scheduler:
-    """The named policy's bundle; ``plan=`` passes a precomputed offline plan to planned policies."""
+def build_scheduler(name: str, cluster: ClusterSpec, requests: list[Request], lengths: str = "oracle",
+                    seed: int = 0, history: list[tuple[int, int]] | None = None, predictor=None,
+                    **kw) -> Scheduler:
+    """The named policy's bundle; ``plan=`` passes a precomputed offline plan to planned policies.
+
+    Every policy gets the same length predictor (``lengths``: oracle | quantile | online, starting
+    from ``history`` pairs), or ``predictor`` when given (the runtime plans with it first): those
+    that ignore lengths still report predicted work, and none sees a true length before the finish.
+    """
     try:
         builder = BUILDERS[name]
     except KeyError:
         raise ValueError(f"unknown policy {name!r}; choose from {', '.join(BUILDERS)}") from None
-    return builder(cluster, requests, **kw)
+    if predictor is None:
+        predictor = make_predictor(lengths, requests, seed, history=history)
+    sch = builder(cluster, requests, predictor=predictor, seed=seed, **kw)
+    sch.predictor = predictor
+    return sch

@@ -58,20 +58,37 @@ class Dispatcher(Protocol):
 
 
 class Predictor(Protocol):
-    """Output-length prediction a policy may use (the true length stays hidden)."""
+    """Output-length prediction a policy may use (the true length stays hidden until the finish).
+
+    ``observe`` is told each finished request's true length; ``version`` increases when that moved
+    the predictions (then queued work is re-predicted); ``snapshot`` is the current predictions as
+    plain data with a ``predict(req)``, which the runtime pushes to its replica actors.
+    """
 
     name: str
+    version: int
 
     def predict(self, req: Request) -> int: ...
+
+    def observe(self, req: Request, true_len: int) -> None: ...
+
+    def snapshot(self) -> object: ...
 
 
 class OraclePredictor:
     """Lengths known in advance (the paper's offline setting)."""
 
     name = "oracle"
+    version = 0
 
     def predict(self, req: Request) -> int:
         return req.output_tokens
+
+    def observe(self, req: Request, true_len: int) -> None:
+        """Already knows."""
+
+    def snapshot(self) -> "OraclePredictor":
+        return self
 
 
 @dataclass(slots=True)
@@ -86,9 +103,21 @@ class Scheduler:
     sort_key: Callable[[Sequence], float] | None = None   # queue order for SortedQueue policies
     dispatcher: Dispatcher | None = None   # pull-based dispatch (replaces the router when set)
     info: dict = field(default_factory=dict)
+    # the sort key to recompute when queued sequences are re-predicted (None: the order does not
+    # depend on predictions, e.g. the plan's rank)
+    rekey: Callable[[Sequence], float] | None = None
+    # request id -> prediction when first scheduled (kept across a recompute elsewhere; metrics)
+    first_predictions: dict[str, int] = field(default_factory=dict)
 
     def make_sequence(self, req: Request) -> Sequence:
-        s = Sequence(req, self.predictor.predict(req))
+        pred = self.predictor.predict(req)
+        s = Sequence(req, pred)
+        s.predicted_first = self.first_predictions.setdefault(req.id, pred)
         if self.sort_key is not None:
             s.sort_key = self.sort_key(s)
         return s
+
+    def repredict(self, state: ReplicaState, predict: Callable[[Request], int] | None = None) -> int:
+        """Re-predict ``state``'s not-yet-started queue (after the predictor's version moved) with
+        ``predict`` (default: this scheduler's predictor); returns how many predictions changed."""
+        return state.repredict(predict or self.predictor.snapshot().predict, self.rekey)
