@@ -401,8 +401,13 @@ def _run_workers(o: argparse.Namespace, mode: str, parts: list[list[dict]], work
             env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
         procs.start([o.python, "-m", "hybrid_ray.bench.vs_vllm", "--worker", mode, str(work / f"spec{k}.json")],
                     work / f"log{k}.txt", env=env)
+    return _finish_workers(o, work, len(parts), procs, t0)
+
+
+def _finish_workers(o, work: Path, n: int, procs: Procs, t0: float):
+    """Release the workers' shared start signal, wait for them (bounded), kill what is left."""
     deadline = t0 + o.timeout
-    released = _release(work, len(parts), procs, deadline)
+    released = _release(work, n, procs, deadline)
     ok = released and procs.wait(deadline)
     wall = time.time() - t0
     procs.kill()
@@ -506,12 +511,7 @@ def _run_workers_c(o, parts, work: Path, args: list[list[str]]) -> tuple:
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")          # as `run_batch` runs by default
         procs.start([o.python, "-m", "hybrid_ray.bench.vs_vllm", "--worker", "run-batch",
                      str(work / f"spec{k}.json")], work / f"log{k}.txt", env=env)
-    deadline = t0 + o.timeout
-    released = _release(work, len(parts), procs, deadline)
-    ok = released and procs.wait(deadline)
-    wall = time.time() - t0
-    procs.kill()
-    return ok, released, wall, procs
+    return _finish_workers(o, work, len(parts), procs, t0)
 
 
 def _worker_raydata(spec: dict) -> None:

