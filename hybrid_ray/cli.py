@@ -128,7 +128,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                       time_scale=args.time_scale, report_interval_s=args.report_interval,
                       cpus_per_replica=args.cpus_per_replica, lengths=args.lengths, plan_method=args.plan_method,
                       plan_time_limit_s=args.time_limit, heartbeat_timeout_s=args.heartbeat_timeout,
-                      connect_timeout_s=args.connect_timeout, progress=not args.no_progress)
+                      startup_timeout_s=args.startup_timeout, connect_timeout_s=args.connect_timeout,
+                      progress=not args.no_progress)
     opts.engine, opts.model, opts.device = args.engine, args.model, args.device
     opts.history = args.history
     print(f"running {args.workload} on {args.config} with policy {args.policy} on Ray "
@@ -288,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "unanswered before it is declared failed and its requests recomputed elsewhere (default: 10)")
     r.add_argument("--connect-timeout", type=float, default=15.0, help="seconds to reach the Ray cluster given by "
                    "--address before giving up (default: 15)")
+    r.add_argument("--startup-timeout", type=float, default=60.0, help="seconds for every replica actor to be "
+                   "placed and to load its engine (default: 60; real models on a busy host may need more)")
     r.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     r.add_argument("--plot", metavar="DIR", default=None,
                    help="write gantt.png, occupancy.png and finish_times.png of this run to DIR ([plot] extra)")

@@ -257,6 +257,8 @@ def cmd_profile(args) -> int:
     print(f"measured in {time.perf_counter() - t1:.1f} s; wrote {path}")
     print(rep.lines())
     if args.calibrate:
+        if hasattr(engine, "close"):
+            engine.close()                          # vLLM: its bound OpenMP threads would hold a core
         del engine                                  # free the cores and memory for the replicas
         print(f"calibrating on {len(requests)} {args.workload} requests (seed {args.seed}), {cluster.num_replicas} "
               f"replicas of {cluster.source}, policy {args.policy}:", flush=True)

