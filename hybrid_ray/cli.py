@@ -1,16 +1,83 @@
 """`hybrid-ray` command line: simulate | plan | run | bench | fit-cost-model | profile | make-model.
 
-User errors (bad YAML, bad workload, impossible request) print one clear line and exit 2.
+User errors (bad YAML, bad workload, impossible request, an option out of range or in conflict, an
+output that cannot be written, --plot without matplotlib) print one clear line and exit 2, and are
+checked before anything runs (before Ray starts, for `run`).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import math
 import sys
 import time
+from pathlib import Path
+from typing import Callable
 
 from . import __version__
-from .errors import HybridRayError
+from .errors import HybridRayError, UsageError, one_line
 from .inputs import DEFAULT_CONFIG, DEFAULT_WORKLOAD, load_inputs
+
+DEFAULT_TIME_LIMIT_S = 5.0
+
+
+# -- option values: range-checked by argparse, so a bad one is one line naming the option ------------
+
+def _number(minimum: float, *, strict: bool, integer: bool = False, unit: str = "",
+            maximum: float | None = None) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number (an integer with ``integer``) >= / > ``minimum``."""
+    what = f"{'an integer' if integer else 'a number'} {'>' if strict else '>='} {minimum:g}" + (
+        f" and <= {maximum:g}" if maximum is not None else "") + (f" ({unit})" if unit else "")
+
+    def parse(text: str) -> float:
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum) \
+                or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
+_POSITIVE_INT = _number(1, strict=False, integer=True)
+_SECONDS = _number(0, strict=True, unit="seconds")
+_POSITIVE = _number(0, strict=True)
+
+
+def _ray_cpus(text: str) -> float:
+    """--cpus-per-replica: an amount Ray can reserve (config.check_ray_amount)."""
+    from .config import check_ray_amount
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0.0001 (Ray's unit), got {text!r}") from None
+    problem = check_ray_amount(value)
+    if problem:
+        raise argparse.ArgumentTypeError(problem.replace(f"got {value!r}", f"got {text!r}"))
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block): ``hybrid-ray run: error: argument ...``."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+class _WorkloadAction(argparse.Action):
+    """``--workload`` and ``-i`` both set the workload: naming both is a conflict, not a silent override."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        flag = "-i" if option_string in ("-i", "--input") else "--workload"
+        other = getattr(namespace, "_workload_flag", None)
+        if other is not None and other != flag:
+            raise argparse.ArgumentError(self, f"conflicts with {other} {getattr(namespace, self.dest)}: "
+                                               f"-i FILE is the workload (an OpenAI batch file); give one of them")
+        namespace._workload_flag = flag
+        setattr(namespace, self.dest, values)
 
 WORKLOAD_HELP = ("gsm8k (1,319 GSM8K questions, all at t=0), azure-conv / azure-code (Azure 2023 "
                  "traces with real arrival times), or a .jsonl/.csv file with prompt_tokens, "
@@ -20,13 +87,19 @@ WORKLOAD_HELP = ("gsm8k (1,319 GSM8K questions, all at t=0), azure-conv / azure-
 def _add_inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=DEFAULT_CONFIG,
                    help=f"cluster YAML path, or a bundled name (default: {DEFAULT_CONFIG})")
-    p.add_argument("--workload", default=DEFAULT_WORKLOAD, help=f"{WORKLOAD_HELP} (default: {DEFAULT_WORKLOAD})")
+    p.add_argument("--workload", default=DEFAULT_WORKLOAD, action=_WorkloadAction,
+                   help=f"{WORKLOAD_HELP} (default: {DEFAULT_WORKLOAD})")
     from .openai_batch import BatchPath
     p.add_argument("-i", "--input", dest="workload", type=BatchPath, default=argparse.SUPPRESS, metavar="JSONL",
+                   action=_WorkloadAction,
                    help="an OpenAI batch input file (/v1/completions, /v1/chat/completions lines) as the workload; "
-                        "malformed lines get error lines, the rest runs (docs/openai_batch.md)")
-    p.add_argument("--limit", type=int, default=None, help="use only N requests (first N, or a seeded sample with --seed)")
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling with --limit (runs are deterministic)")
+                        "malformed lines get error lines, the rest runs (docs/openai_batch.md); not with --workload")
+    p.add_argument("--limit", type=_POSITIVE_INT, default=None,
+                   help="use only N requests (first N, or a seeded sample with --seed)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of every random choice: the --limit sample, --lengths quantile's history sample, the "
+                        "serve router's draws and CP-SAT's search (offline, hybrid, plan); default 0. Runs are "
+                        "deterministic; a --seed that nothing uses is an error")
     p.add_argument("--json", metavar="OUT", default=None, help="also write the metrics as JSON to OUT")
 
 
@@ -39,8 +112,77 @@ def _add_policy_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--history", metavar="FILE", default=None,
                    help="an earlier run's output (results JSONL or OpenAI batch output) whose prompt/output "
                         "token counts start --lengths online (and replace quantile's sample)")
-    p.add_argument("--time-limit", type=float, default=5.0,
-                   help="CP-SAT time limit in seconds for planned policies (default: 5)")
+    p.add_argument("--time-limit", type=_SECONDS, default=None,
+                   help="wall-clock seconds the planner may take for planned policies (offline, hybrid; "
+                        f"default: {DEFAULT_TIME_LIMIT_S:g} for run; none for simulate, whose plans then follow "
+                        "the deterministic budget alone, so that a run is the same under any load)")
+
+
+def _add_deterministic_time(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--deterministic-time", type=_POSITIVE, default=None, metavar="UNITS",
+                   help="CP-SAT's deterministic-time budget (load-independent work units, about a second each on "
+                        "a free core): the same plan on any machine. Without --time-limit there is then no "
+                        "wall-clock limit (default: 0.4 x the time limit, which a loaded machine may not reach)")
+
+
+def _assignment_note(plan) -> str:
+    """Which candidate assignment the planner kept, and the simulated (or estimated) makespans."""
+    scores = plan.info.get("candidates")
+    kind = "length bands" if plan.info.get("bands") else "work-balanced packing"
+    if not scores:
+        return kind
+    how = "simulated hybrid" if plan.info.get("simulated", True) else "estimate"
+    return kind + f" ({how}: " + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(scores.items())) + ")"
+
+
+def _budget(args: argparse.Namespace) -> dict:
+    """``deterministic_time=`` for the planner when --deterministic-time was given."""
+    det = getattr(args, "deterministic_time", None)
+    return {} if det is None else {"deterministic_time": det}
+
+
+# Policies whose schedule depends on --seed (CP-SAT's search for the planned ones, serve's draws).
+_SEEDED_POLICIES = ("offline", "hybrid", "serve")
+
+
+def _seed_is_used(args: argparse.Namespace) -> bool:
+    if args.limit is not None:
+        return True
+    if args.command == "plan":
+        return args.method == "cpsat"
+    return args.lengths == "quantile" or args.policy in _SEEDED_POLICIES
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):    # a broken install, or a module without a spec
+        return False
+
+
+def _preflight(args: argparse.Namespace) -> None:
+    """Everything about the command line that can be wrong, checked before anything runs (Ray included)."""
+    if getattr(args, "time_limit", False) is None:   # a deterministic budget alone: no wall-clock limit
+        # the simulator is deterministic, so its plans are too by default (a load-independent budget)
+        deterministic = getattr(args, "deterministic_time", None) or args.command == "simulate"
+        args.time_limit = math.inf if deterministic else DEFAULT_TIME_LIMIT_S
+    if args.command in ("simulate", "plan", "run") and args.seed is not None and not _seed_is_used(args):
+        raise UsageError(f"--seed {args.seed} changes nothing here: it seeds the --limit sample, --lengths quantile, "
+                         f"the {'/'.join(_SEEDED_POLICIES)} policies{' and CP-SAT' if args.command == 'plan' else ''}; "
+                         f"add --limit N to sample N requests, or drop --seed")
+    from .results import check_writable
+
+    for option in ("output", "resume", "json"):
+        path = getattr(args, option, None)
+        if path and isinstance(path, str):
+            check_writable(path, "-o/--output" if option == "output" else f"--{option}")
+    plot = getattr(args, "plot", None)
+    if plot:
+        if not _importable("matplotlib"):
+            raise UsageError(f"--plot {plot} needs matplotlib: pip install 'hybrid-ray[plot]', or drop --plot")
+        if Path(plot).exists() and not Path(plot).is_dir():
+            raise UsageError(f"--plot {plot}: is a file; give a folder for the PNG files")
+        check_writable(Path(plot) / "gantt.png", "--plot")
 
 
 def _plot(directory: str, runs: list, lower_bound_s: float | None) -> None:
@@ -70,7 +212,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         from .history import load_history
         history = load_history(args.history)
     scheduler = build_scheduler(args.policy, cluster, requests, lengths=args.lengths, seed=args.seed or 0,
-                                history=history, time_limit_s=args.time_limit)
+                                history=history, time_limit_s=args.time_limit, **_budget(args))
     record = simulate(cluster, scheduler, requests)
     summary = summarize(record, lower_bound(cluster, requests).value_s)
     wall = time.perf_counter() - t0
@@ -95,18 +237,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .planner.plan import make_plan
 
     cluster, requests = load_inputs(args.config, args.workload, args.limit, args.seed)
+    limit = (f"time limit {args.time_limit:g} s" if math.isfinite(args.time_limit) else "no time limit") + (
+        f", deterministic budget {args.deterministic_time:g}" if args.deterministic_time else "")
     print(f"planning {len(requests)} requests of {args.workload} on {cluster.name} "
-          f"({cluster.num_replicas} replicas) with {args.method}, time limit {args.time_limit} s, "
+          f"({cluster.num_replicas} replicas) with {args.method}, {limit}, "
           f"{args.workers} workers", flush=True)
     plan = make_plan(cluster, requests, method=args.method, time_limit_s=args.time_limit, workers=args.workers,
-                     seed=args.seed or 0)
+                     seed=args.seed or 0, **_budget(args))
     fin = sorted(plan.predicted_finish_s.values())
     rows = [("planned makespan", f"{plan.planned_makespan_s:.2f} s"),
             ("lower bound (any policy)", f"{plan.lower_bound_s:.2f} s"),
-            ("gap to the lower bound", f"{100 * plan.gap:.2f} % (the bound ignores prefill stalls; "
-                                       f"the estimate does not)"),
-            ("packing bound / gap / status", f"{plan.pack_bound_s:.2f} s / {100 * plan.pack_gap:.4f} % / "
-                                             f"{plan.solver_status} ({plan.method})"),
+            ("gap to the lower bound", f"{100 * plan.gap:.2f} %"),
+            ("assignment", _assignment_note(plan)),
+            ("work packing bound / gap / status", f"{plan.pack_bound_s:.2f} s / {100 * plan.pack_gap:.4f} % / "
+                                                  f"{plan.solver_status} ({args.method})"),
             ("solve time", f"{plan.solve_time_s:.2f} s"),
             ("replica finish min / max", f"{fin[0]:.2f} / {fin[-1]:.2f} s" if fin else "-")]
     w = max(len(k) for k, _ in rows)
@@ -127,7 +271,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                       seed=args.seed, address=args.address, output=args.output, resume=args.resume,
                       time_scale=args.time_scale, report_interval_s=args.report_interval,
                       cpus_per_replica=args.cpus_per_replica, lengths=args.lengths, plan_method=args.plan_method,
-                      plan_time_limit_s=args.time_limit, heartbeat_timeout_s=args.heartbeat_timeout,
+                      plan_time_limit_s=args.time_limit, plan_deterministic_time=args.deterministic_time,
+                      heartbeat_timeout_s=args.heartbeat_timeout,
                       startup_timeout_s=args.startup_timeout, connect_timeout_s=args.connect_timeout,
                       progress=not args.no_progress)
     opts.engine, opts.model, opts.device = args.engine, args.model, args.device
@@ -136,11 +281,13 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"({describe_address(args.address)})", flush=True)
     try:
         res = run(opts)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:        # Ctrl-C, or SIGTERM (runtime.Terminated): exit 128 + signal
         where = args.resume or args.output
-        print("hybrid-ray: interrupted" + (f"; finished requests are in {where}: continue with --resume {where}"
-                                            if where else ""), file=sys.stderr)
-        return 130
+        signum = getattr(e, "signum", 2)
+        print(f"hybrid-ray: {'terminated' if signum == 15 else 'interrupted'}"
+              + (f"; finished requests are in {where}: continue with --resume {where}" if where else ""),
+              file=sys.stderr)
+        return 128 + signum
     if res.summary is None:
         print(f"nothing to run: all {res.skipped} requests are already in {res.output}")
         return 0
@@ -167,12 +314,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.which == "docs":                        # rewrite (or --check) every marked table in the docs
+        from .bench.docs import run_docs
+        return run_docs(args.only, check=args.check, timing=args.timing, root=args.root)
     if args.which == "paper":
         from .bench.paper import run_paper
         run_paper(out_dir=args.out or "results")
     elif args.which == "cases":
         from .bench.cases import run_cases
-        run_cases(args.n, args.seed or 0, args.out or "results/cases.json")
+        run_cases(args.n, args.seed or 0, args.out or "results/cases.json", long=args.long)
     elif args.which == "perf":
         from .bench.perf import run_perf
         run_perf(args.out or "results/perf.json")
@@ -202,8 +352,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_fit(args: argparse.Namespace) -> int:
     from .profiles import cost_model_yaml, fit_cost_model, load_profile
 
-    points = load_profile(args.profile, args.model, args.hardware, args.tensor_parallel)
-    model, rep = fit_cost_model(points)
+    from .errors import WorkloadError
+
+    path = Path(args.profile)
+    if not path.is_file():
+        raise UsageError(f"fit-cost-model {args.profile}: {'is a directory' if path.is_dir() else 'no such file'}; "
+                         f"give a profile CSV (`hybrid-ray profile` writes one)")
+    try:
+        points = load_profile(args.profile, args.model, args.hardware, args.tensor_parallel)
+        model, rep = fit_cost_model(points)
+    except HybridRayError:
+        raise
+    except (OSError, UnicodeDecodeError) as e:
+        raise WorkloadError(f"{args.profile}: cannot read: {getattr(e, 'strerror', None) or one_line(e)}") from None
+    except (KeyError, ValueError, TypeError, IndexError, ZeroDivisionError) as e:
+        raise WorkloadError(f"{args.profile}: not a usable profile CSV ({type(e).__name__}: {one_line(e)}); "
+                            f"expected our profile columns or SplitwiseSim's perf_model.csv") from None
     if args.scale != 1.0:
         model = model.scaled(args.scale)
     print(f"fitted {rep.n_prefill} prefill and {rep.n_decode} decode points of {args.profile}")
@@ -226,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .policies import DESCRIPTIONS
     from .profiling import add_engine_options, add_profile_command
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="hybrid-ray",
         description="Hybrid offline-online scheduling of LLM inference over Ray model replicas. "
                     "With no subcommand, runs `simulate` on the embedded default "
@@ -241,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--policy", default="baseline", choices=list(DESCRIPTIONS),
                    help="; ".join(f"{k}: {v}" for k, v in DESCRIPTIONS.items()) + " (default: baseline)")
     _add_policy_options(s)
+    _add_deterministic_time(s)
     s.add_argument("-o", "--output", metavar="JSONL", default=None, help="write one line per request after the "
                    "simulation, in completion order (OpenAI batch output lines for an OpenAI batch input)")
     s.add_argument("--plot", metavar="DIR", default=None,
@@ -255,8 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inputs(pl)
     pl.add_argument("--method", default="cpsat", choices=["cpsat", "lpt", "multifit", "kk"],
                     help="packing method (default: cpsat, which returns the best of itself and the heuristics)")
-    pl.add_argument("--time-limit", type=float, default=5.0, help="CP-SAT time limit in seconds (default: 5)")
-    pl.add_argument("--workers", type=int, default=2, help="CP-SAT search workers (default: 2)")
+    pl.add_argument("--time-limit", type=_SECONDS, default=None,
+                    help=f"wall-clock seconds for the whole plan (default: {DEFAULT_TIME_LIMIT_S:g})")
+    _add_deterministic_time(pl)
+    pl.add_argument("--workers", type=_POSITIVE_INT, default=2, help="CP-SAT search workers (default: 2)")
     pl.set_defaults(func=cmd_plan)
 
     r = sub.add_parser("run", help="run a policy on Ray actors in real time (emulated engine, or --engine transformers|vllm)",
@@ -276,20 +443,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "also the resume file")
     r.add_argument("--resume", metavar="JSONL", default=None, help="skip the requests already in this results "
                    "file and append to it (a truncated last line is tolerated)")
-    r.add_argument("--time-scale", type=float, default=None, help="real seconds slept per modelled second "
+    r.add_argument("--time-scale", type=_POSITIVE, default=None, help="real seconds slept per modelled second "
                    "(default: the config's time_scale)")
-    r.add_argument("--report-interval", type=float, default=0.1, help="real seconds between a busy replica's "
+    r.add_argument("--report-interval", type=_SECONDS, default=0.1, help="real seconds between a busy replica's "
                    "load reports to the controller, besides one per iteration that finishes requests (default: 0.1)")
-    r.add_argument("--cpus-per-replica", type=float, default=None, help="reserve this many CPUs per replica "
+    r.add_argument("--cpus-per-replica", type=_ray_cpus, default=None, help="reserve this many CPUs per replica "
                    "actor instead of the config's resources (emulate a GPU config on CPUs; fractions allowed)")
     _add_policy_options(r)
+    _add_deterministic_time(r)
     r.add_argument("--plan-method", default="cpsat", choices=["cpsat", "lpt", "multifit", "kk"],
                    help="planner method for offline/hybrid, run in the planner actor (default: cpsat)")
-    r.add_argument("--heartbeat-timeout", type=float, default=10.0, help="seconds a replica may leave a poll "
+    r.add_argument("--heartbeat-timeout", type=_SECONDS, default=10.0, help="seconds a replica may leave a poll "
                    "unanswered before it is declared failed and its requests recomputed elsewhere (default: 10)")
-    r.add_argument("--connect-timeout", type=float, default=15.0, help="seconds to reach the Ray cluster given by "
+    r.add_argument("--connect-timeout", type=_SECONDS, default=15.0, help="seconds to reach the Ray cluster given by "
                    "--address before giving up (default: 15)")
-    r.add_argument("--startup-timeout", type=float, default=60.0, help="seconds for every replica actor to be "
+    r.add_argument("--startup-timeout", type=_SECONDS, default=60.0, help="seconds for every replica actor to be "
                    "placed and to load its engine (default: 60; real models on a busy host may need more)")
     r.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     r.add_argument("--plot", metavar="DIR", default=None,
@@ -300,20 +468,33 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks that print tables (paper: the paper's table beside ours; "
                                      "cases: the 100-case study; perf: planner, decision and simulator speed; "
                                      "decision: online decision latency; load: 20,000 requests on 16 "
-                                     "emulated Ray replicas)",
+                                     "emulated Ray replicas; docs: regenerate every marked table in the docs)",
                        description="paper: LLaMA-65B x GSM8K, every policy beside the paper's figures (writes "
-                                   "results/paper.json and .md). cases: random GSM8K subsets x random topologies, baseline vs offline vs "
-                                   "hybrid, mean/min/max improvement and a histogram (writes results/cases.json). "
-                                   "decision: latency of one online decision at batch 256 with 1,000 waiting.")
-    b.add_argument("which", choices=["paper", "cases", "perf", "decision", "load", "baselines", "simscale", "vs-vllm", "fidelity"],
+                                   "results/paper.json and .md). cases: random GSM8K subsets and long-context batches x random "
+                                   "topologies, the hybrid against every faithful baseline: makespan ratio "
+                                   "mean/min/max, losses and by how much (writes results/cases.json). "
+                                   "decision: latency of one online decision at batch 256 with 1,000 waiting. "
+                                   "docs: rewrite the tables between <!-- bench:NAME --> markers in README.md and "
+                                   "docs/*.md (--check: compare only, exit 1 if any differ).")
+    b.add_argument("which", choices=["paper", "cases", "perf", "decision", "load", "baselines", "simscale", "vs-vllm", "fidelity",
+                                     "docs"],
                    help="which benchmark (vs-vllm: hybrid-ray beside vLLM's scheduler, vllm run_batch and Ray Data "
                         "LLM on the same CPU replicas; needs vLLM: python -m hybrid_ray.bench.vs_vllm --help)")
     b.add_argument("--model", default=None, help="vs-vllm: model directory")
-    b.add_argument("--replicas", type=int, default=None, help="vs-vllm: engines, one core each (default 2)")
-    b.add_argument("--n", type=int, default=100, help="cases: how many (default 100)")
+    b.add_argument("--replicas", type=_POSITIVE_INT, default=None, help="vs-vllm: engines, one core each (default 2)")
+    b.add_argument("--n", type=_POSITIVE_INT, default=100, help="cases: how many (default 100)")
     b.add_argument("--seed", type=int, default=0, help="cases: seed of the random cases (default 0)")
+    b.add_argument("--long", type=_number(0, strict=False, integer=True), default=None,
+                   help="cases: long-context cases (2k-32k-token prompts, KV-bound replicas) besides the "
+                        "--n GSM8K ones (default n // 5)")
     b.add_argument("--out", default=None, help="paper: output folder (default results/); "
                                                 "cases: JSON output (default results/cases.json)")
+    b.add_argument("--check", action="store_true", help="docs: compare the marked tables with what the code gives, "
+                   "write nothing; exit 1 listing those that differ")
+    b.add_argument("--only", nargs="+", metavar="NAME", default=None,
+                   help="docs: just these tables (<!-- bench:NAME --> markers), wall-clock ones included")
+    b.add_argument("--timing", action="store_true", help="docs: also the wall-clock tables (skipped by default)")
+    b.add_argument("--root", default=None, help="docs: the checkout holding README.md and docs/ (default: here)")
     b.set_defaults(func=cmd_bench)
 
     f = sub.add_parser("fit-cost-model", help="fit a cost model from a profile CSV and print the YAML block",
@@ -323,8 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("profile", help="profile CSV")
     f.add_argument("--model", help="filter rows by model (e.g. llama2-70b)")
     f.add_argument("--hardware", help="Splitwise: filter by hardware (e.g. h100-80gb)")
-    f.add_argument("--tensor-parallel", type=int, help="Splitwise: filter by tensor_parallel")
-    f.add_argument("--scale", type=float, default=1.0,
+    f.add_argument("--tensor-parallel", type=_POSITIVE_INT, help="Splitwise: filter by tensor_parallel")
+    f.add_argument("--scale", type=_POSITIVE, default=1.0,
                    help="multiply every coefficient (e.g. 1/(TP x efficiency) for a one-GPU-equivalent profile)")
     f.set_defaults(func=cmd_fit)
     mm = sub.add_parser("make-model", help="write a tiny LLaMA model directory (real tokenizer and chat template, "
@@ -349,11 +530,15 @@ def main(argv: list[str] | None = None) -> int:
             commands.update(action.choices)
     if not argv or argv[0] not in commands:
         argv = ["simulate"] + argv          # the embedded default: `hybrid-ray [simulate options]`
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:            # --help, --version, or a one-line option error (_Parser.error)
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
+    try:
+        _preflight(args)
         return args.func(args)
     except HybridRayError as e:
-        print(f"hybrid-ray: error: {e}", file=sys.stderr)
+        print(f"hybrid-ray: error: {one_line(e)}", file=sys.stderr)
         return 2
 
 

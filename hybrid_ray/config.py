@@ -15,11 +15,12 @@ Schema (see ``cluster_configs/*.yaml`` for commented examples)::
         max_batch_size: int >= 1
         kv_capacity_tokens: int >= 1
         max_batched_tokens: int >= 1            optional, default 8192
-        resources: {str: number > 0}            optional, default {CPU: 1}
+        resources: {str: number in [0.0001, 1e9]}   optional, default {CPU: 1} (Ray's unit: 0.0001)
         cost_model:
           prefill: {floor_s, base_s, per_token_s, per_token_sq_s (optional)}   all >= 0
           decode:  {base_s > 0, per_seq_s, per_ctx_token_s}                    all >= 0
-    policy: {policy name: {knob: value}}        optional, checked by the policy modules
+    policy: {policy name: {knob: value}}        optional; names, knobs and ranges from policies.KNOBS
+                                                and KNOB_RANGES, checked here so a bad knob fails at load
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from typing import Any, Callable, Iterable, Mapping, NoReturn, TypeVar
 import yaml
 
 from .costmodel import CostModel, DecodeCost, PrefillCost
-from .errors import ConfigError
+from .errors import ConfigError, one_line
 
 T = TypeVar("T")
 
@@ -240,10 +241,18 @@ def _load_text(text: str, source: str) -> ClusterSpec:
         mark = e.problem_mark or e.context_mark
         where = f"{source}: line {mark.line + 1}, column {mark.column + 1}" if mark else source
         context = f" ({e.context})" if e.context else ""
-        raise ConfigError(f"{where}: invalid YAML{context}: {e.problem}") from None
+        raise ConfigError(one_line(f"{where}: invalid YAML{context}: {e.problem}")) from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: invalid YAML: {e}") from None
-    return parse_cluster(data, source)
+        raise ConfigError(one_line(f"{source}: invalid YAML: {e}")) from None
+    except RecursionError:
+        raise ConfigError(f"{source}: invalid YAML: nested too deeply for the parser; a cluster file needs "
+                          f"only a few levels") from None
+    except (ValueError, TypeError, OverflowError) as e:   # a scalar PyYAML cannot build, e.g. 2024-13-01
+        raise ConfigError(one_line(f"{source}: invalid YAML value: {e}")) from None
+    try:
+        return parse_cluster(data, source)
+    except RecursionError:
+        raise ConfigError(f"{source}: a value is nested too deeply; a cluster file needs only a few levels") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,10 +302,20 @@ def _as_int(value: object, path: str, minimum: int = 1) -> int:
     return value
 
 
+def _finite_number(value: object) -> bool:
+    """An int or float (not a bool) that is finite as a float (a 400-digit int is not)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _as_float(value: object, path: str, minimum: float = 0.0, strict: bool = False) -> float:
     """A finite number (ints accepted) >= minimum, or > minimum when ``strict``."""
     what = f"a number {'>' if strict else '>='} {minimum:g}"
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+    if not _finite_number(value):
         _expected(path, what, value)
     if value < minimum or (strict and value == minimum):
         _expected(path, what, value)
@@ -426,15 +445,32 @@ def _parse_group(value: object, path: str) -> ReplicaGroupSpec:
     )
 
 
+RAY_RESOURCE_UNIT = 1e-4      # Ray stores resource amounts in fixed point: multiples of 0.0001
+RAY_RESOURCE_MAX = 1e9        # far beyond any node, far below Ray's fixed-point overflow
+
+
+def check_ray_amount(amount: object) -> str | None:
+    """Why a Ray resource amount cannot be requested (None when it can): Ray counts in units of 0.0001,
+    so a smaller amount becomes 0 (Ray rejects it when the actor is created, after the cluster started)."""
+    if not _finite_number(amount) or amount <= 0:
+        return f"expected a number >= {RAY_RESOURCE_UNIT:g} (Ray's unit), got {_show(amount)}"
+    if amount < RAY_RESOURCE_UNIT:
+        return (f"expected a number >= {RAY_RESOURCE_UNIT:g}: Ray counts resources in units of "
+                f"{RAY_RESOURCE_UNIT:g} and would round {amount:g} to 0, got {_show(amount)}")
+    if amount > RAY_RESOURCE_MAX:
+        return f"expected a number <= {RAY_RESOURCE_MAX:g}, got {_show(amount)}"
+    return None
+
+
 def _parse_resources(value: object, path: str) -> dict:
     """Ray resource name -> amount per replica actor (e.g. {GPU: 1} or {CPU: 1})."""
     res = _as_mapping(value, path)
     for key, amount in res.items():
         if not isinstance(key, str) or not key:
             raise _Invalid(path, f"expected resource names to be non-empty strings, got {_show(key)}")
-        if not isinstance(amount, (int, float)) or isinstance(amount, bool) \
-                or not math.isfinite(amount) or amount <= 0:
-            _expected(_join(path, key), "a number > 0", amount)
+        problem = check_ray_amount(amount)
+        if problem:
+            raise _Invalid(_join(path, key), problem)
     return res
 
 
@@ -461,10 +497,17 @@ def _parse_cost_model(value: object, path: str) -> CostModel:
 
 
 def _parse_policy(value: object, path: str) -> dict:
-    """Policy name -> knobs; only the shape is checked here, the knobs belong to each policy."""
+    """Policy name -> knobs, each name, knob and range checked against ``policies.KNOBS`` /
+    ``KNOB_RANGES`` now, so every command fails at load (before Ray starts) on a bad knob."""
+    from .policies import KnobError, check_policy_knobs   # lazy: the policies import this module
+
     policy = _as_mapping(value, path)
     for name, knobs in policy.items():
         if not isinstance(name, str) or not name:
             raise _Invalid(path, f"expected policy names to be non-empty strings, got {_show(name)}")
-        _as_mapping(knobs, _join(path, name))
+        policy[name] = _as_mapping(knobs, _join(path, name))
+    try:
+        check_policy_knobs(policy)
+    except KnobError as e:
+        raise _Invalid(e.path, e.message) from None
     return copy.deepcopy(policy)

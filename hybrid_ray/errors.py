@@ -6,6 +6,10 @@ class HybridRayError(Exception):
     """Base class: the message says what to change."""
 
 
+class UsageError(HybridRayError):
+    """A command-line option is out of range or conflicts with another; the message names the option."""
+
+
 class ConfigError(HybridRayError):
     """A cluster YAML is malformed; the message names the file and the key path."""
 
@@ -37,3 +41,12 @@ class ReplicasLostError(HybridRayError):
 
 class HistoryError(HybridRayError):
     """A ``--history`` file is missing or malformed; the message names the file."""
+
+
+class ControllerLostError(HybridRayError):
+    """The controller actor kept failing (beyond the run's restarts); the message gives the resume hint."""
+
+
+def one_line(text: object) -> str:
+    """``text`` on one line (newlines and runs of whitespace become one space): user errors print one line."""
+    return " ".join(str(text).split())

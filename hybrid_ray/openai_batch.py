@@ -7,7 +7,9 @@ Input, one JSON object per line (the OpenAI Batch API's input file, also read by
 
 Each valid line becomes one ``Request`` whose id is its ``custom_id``, arriving at t = 0 (a batch).
 A malformed line is not fatal: it becomes a ``BatchLineError`` (custom_id, or ``line-<n>`` when the
-line has none, an OpenAI-style code and a message) and the rest of the batch runs.
+line has none, an OpenAI-style code and a message) and the rest of the batch runs. When another line
+of the file claims ``line-<n>`` as its own custom_id, the placeholder is ``line-<n>#2`` (``#3``, ...):
+no two output lines share a custom_id.
 
 Real prompts: with a ``PromptEncoder`` (``prompts.py``: a real engine's model directory), each
 line's prompt or chat messages are tokenized by the model's own tokenizer, as vLLM does, and the
@@ -49,13 +51,14 @@ import hashlib
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import RuntimeSetupError, WorkloadError
+from .errors import RuntimeSetupError, WorkloadError, one_line
 from .payload import LENGTH, STOP, Payload, SamplingSpec
 from .results import (CompletionRecord, ErrorLine, OutputFormat, ResultsError, ResultsFile, ResultsWriter,
                       read_results, replace_file)
@@ -123,15 +126,16 @@ class BatchLine:
 class BatchLineError:
     """One input line that will not run: it gets an error output line instead."""
 
-    custom_id: str                   # the line's custom_id, or "line-<n>" when it has none
+    custom_id: str                   # the line's custom_id, or a placeholder (by_line) when it has none
     line: int
     code: str
     message: str
+    by_line: bool = False            # custom_id is the placeholder "line-<n>" (or "line-<n>#k", see read_batch)
 
     @property
     def keyed_by_line(self) -> bool:
         """True when the error accounts for an input line, not for a custom_id (see ``settles``)."""
-        return self.code == DUPLICATE_CUSTOM_ID or self.custom_id == f"line-{self.line}"
+        return self.code == DUPLICATE_CUSTOM_ID or self.by_line
 
     @property
     def output_id(self) -> str:
@@ -221,9 +225,22 @@ class _LineError(ValueError):
 
 
 def _number(raw: Any, name: str) -> float:
-    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw):
-        raise _LineError(INVALID_REQUEST, f"{name} must be a number, got {raw!r}")
+    try:
+        ok = not isinstance(raw, bool) and isinstance(raw, (int, float)) and math.isfinite(raw)
+    except OverflowError:              # an integer beyond any float
+        ok = False
+    if not ok:
+        raise _LineError(INVALID_REQUEST, f"{name} must be a number, got {_short(raw)}")
     return float(raw)
+
+
+def _short(raw: Any, limit: int = 80) -> str:
+    """``repr(raw)`` cut to ``limit`` characters: a message stays one readable line."""
+    try:
+        text = repr(raw)
+    except ValueError:                 # an int too long to print
+        text = "a very long integer"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _sampling(body: dict, max_tokens: int) -> SamplingSpec:
@@ -278,8 +295,20 @@ def _positive_int(raw: Any, name: str) -> int:
     return raw
 
 
+MAX_TOKEN_ID = 2**31 - 1            # token ids are int32 in vLLM and transformers
+
+
 def _is_token_ids(x: Any) -> bool:
     return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+
+def _check_token_ids(ids: list[int], name: str) -> list[int]:
+    """Token ids are integers in [0, 2**31 - 1]: a negative id indexes no vocabulary."""
+    for k, t in enumerate(ids):
+        if not 0 <= t <= MAX_TOKEN_ID:
+            raise _LineError(INVALID_REQUEST, f"{name}[{k}] = {_short(t)}: token ids must be integers in "
+                                              f"[0, {MAX_TOKEN_ID}]")
+    return ids
 
 
 def _completion_prompt(body: dict) -> str | list[int]:
@@ -295,7 +324,7 @@ def _completion_prompt(body: dict) -> str | list[int]:
     if isinstance(prompt, str) or _is_token_ids(prompt):
         if len(prompt) == 0:
             raise _LineError(INVALID_REQUEST, "body.prompt is empty")
-        return prompt
+        return prompt if isinstance(prompt, str) else _check_token_ids(prompt, "body.prompt")
     raise _LineError(INVALID_REQUEST, "body.prompt must be a string, a list of token ids, or a list holding one "
                                       f"of those; got {type(prompt).__name__}")
 
@@ -346,6 +375,7 @@ def _prompt_tokens(url: str, body: dict, tokenizer: Tokenizer | None) -> tuple[i
     if ids is not None:
         if not _is_token_ids(ids) or not ids:
             raise _LineError(INVALID_REQUEST, "body.prompt_token_ids must be a non-empty list of integers")
+        _check_token_ids(ids, "body.prompt_token_ids")
     if url == COMPLETIONS_URL:
         prompt = _completion_prompt(body)      # validated even when another source gives the count
         if ids is None and not isinstance(prompt, str):
@@ -385,6 +415,8 @@ def _model_prompt(url: str, body: dict, encoder: PromptEncoder) -> list[int]:
     ids = body.get("prompt_token_ids")
     if ids is not None and (not _is_token_ids(ids) or not ids):
         raise _LineError(INVALID_REQUEST, "body.prompt_token_ids must be a non-empty list of integers")
+    if ids is not None:
+        _check_token_ids(ids, "body.prompt_token_ids")
     try:
         if url == COMPLETIONS_URL:
             prompt = _completion_prompt(body)
@@ -411,14 +443,20 @@ def parse_line(text: str, line_no: int, tokenizer: Tokenizer | None = None,
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
-        return BatchLineError(placeholder, line_no, INVALID_JSON, f"line {line_no}: invalid JSON ({exc.msg})")
+        return BatchLineError(placeholder, line_no, INVALID_JSON, f"line {line_no}: invalid JSON ({exc.msg})",
+                              by_line=True)
+    except (ValueError, RecursionError) as exc:      # a 5,000-digit number; [[[[...]]]] nested too deep
+        what = "nested too deeply" if isinstance(exc, RecursionError) else one_line(exc)
+        return BatchLineError(placeholder, line_no, INVALID_JSON, f"line {line_no}: invalid JSON ({what})",
+                              by_line=True)
     if not isinstance(obj, dict):
         return BatchLineError(placeholder, line_no, INVALID_JSON,
-                              f"line {line_no}: expected a JSON object, got {type(obj).__name__}")
+                              f"line {line_no}: expected a JSON object, got {type(obj).__name__}", by_line=True)
     cid = obj.get("custom_id")
     if not isinstance(cid, str) or not cid.strip():
-        what = "missing" if cid is None else f"must be a non-empty string, got {cid!r}"
-        return BatchLineError(placeholder, line_no, MISSING_PARAMETER, f"line {line_no}: custom_id {what}")
+        what = "missing" if cid is None else f"must be a non-empty string, got {_short(cid)}"
+        return BatchLineError(placeholder, line_no, MISSING_PARAMETER, f"line {line_no}: custom_id {what}",
+                              by_line=True)
     try:
         for key in ("method", "url", "body"):
             if obj.get(key) is None:
@@ -489,12 +527,13 @@ def read_batch(path: str | Path, *, tokenizer: Tokenizer | None = None, limit: i
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            entries.append(BatchLineError(f"line-{n}", n, INVALID_JSON, f"line {n}: not UTF-8 text ({exc.reason})"))
+            entries.append(BatchLineError(f"line-{n}", n, INVALID_JSON, f"line {n}: not UTF-8 text ({exc.reason})",
+                                          by_line=True))
             continue
         entries.append(parse_line(text, n, tokenizer, chat_max_tokens, encoder))
     if not entries:
         raise WorkloadError(f"{p}: empty OpenAI batch file (expected one request object per line)")
-    entries = _select(entries, limit, seed)
+    entries = _select(_unique_placeholders(entries), limit, seed)
     claimed: dict[str, int] = {}
     lines: dict[str, BatchLine] = {}
     errors: list[BatchLineError] = []
@@ -517,6 +556,28 @@ def read_batch(path: str | Path, *, tokenizer: Tokenizer | None = None, limit: i
                       len(entries))
 
 
+def _unique_placeholders(entries: list[BatchLine | BatchLineError]) -> list[BatchLine | BatchLineError]:
+    """Rename a placeholder ``line-<n>`` that some line of the file claims as its custom_id to
+    ``line-<n>#k`` (the first k >= 2 nobody claims): every output line then has its own custom_id.
+    Done over the whole file, before --limit, so the name does not depend on the sample."""
+    claimed = {e.custom_id for e in entries if not (isinstance(e, BatchLineError) and e.by_line)}
+    out: list[BatchLine | BatchLineError] = []
+    for e in entries:
+        if isinstance(e, BatchLineError) and e.by_line and e.custom_id in claimed:
+            k = 2
+            while f"{e.custom_id}#{k}" in claimed:
+                k += 1
+            e = replace(e, custom_id=f"{e.custom_id}#{k}")
+            claimed.add(e.custom_id)
+        out.append(e)
+    return out
+
+
+def is_placeholder(custom_id: str, line: int) -> bool:
+    """Whether ``custom_id`` is the placeholder of input line ``line`` (``line-<n>`` or ``line-<n>#k``)."""
+    return re.fullmatch(rf"line-{line}(#[0-9]+)?", custom_id) is not None
+
+
 def check_batch_feasible(batch: BatchInput, cluster: ClusterSpec) -> BatchInput:
     """Move requests no replica can hold (prompt + max output > every KV cache) to the errors."""
     max_kv = max(g.kv_capacity_tokens for g in cluster.groups)
@@ -536,6 +597,10 @@ def check_batch_feasible(batch: BatchInput, cluster: ClusterSpec) -> BatchInput:
                    ids={cid: b.request.id for cid, b in lines.items()})
 
 
+def _cut(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def is_batch_workload(spec: object) -> bool:
     """True for a ``BatchPath``, or a .jsonl/.json file whose first parseable object has ``custom_id``
     or ``body`` (plain workload files have ``prompt_tokens``/``output_tokens``)."""
@@ -553,7 +618,7 @@ def is_batch_workload(spec: object) -> bool:
                     break
                 try:
                     obj = json.loads(line)
-                except json.JSONDecodeError:
+                except (ValueError, RecursionError):
                     continue
                 if isinstance(obj, dict):
                     return "custom_id" in obj or "body" in obj
@@ -566,10 +631,17 @@ def describe_errors(batch: BatchInput, shown: int = 3) -> str:
     """'k of n lines will not run: line 3 (q7): invalid_request: ...; ...' (empty when none)."""
     if not batch.errors:
         return ""
-    first = "; ".join(f"line {e.line} ({e.custom_id}): {e.code}: {e.message.split(': ', 1)[-1]}"
+    first = "; ".join(one_line(f"line {e.line} ({_cut(e.custom_id)}): {e.code}: {e.message.split(': ', 1)[-1]}")
                       for e in batch.errors[:shown])
     more = f"; ... (+{len(batch.errors) - shown} more)" if len(batch.errors) > shown else ""
     return f"{batch.path}: {len(batch.errors)} of {batch.n_lines} lines will not run: {first}{more}"
+
+
+def check_some_valid(batch: BatchInput) -> None:
+    """A batch with no line that can run is a user error (one line, exit 2), not an empty run."""
+    if not batch.requests:
+        why = describe_errors(batch).split(" will not run: ", 1)[-1]
+        raise WorkloadError(f"{batch.path}: no valid request in {batch.n_lines} line(s): {why}")
 
 
 def load_batch_inputs(config: str, path: str, limit: int | None = None,
@@ -585,10 +657,9 @@ def load_batch_requests(config: str, path: str, limit: int | None = None,
                         seed: int | None = None) -> tuple[ClusterSpec, list[Request]]:
     """``inputs.load_inputs`` for a batch file: the runnable requests; the others are logged."""
     cluster, batch = load_batch_inputs(config, path, limit, seed)
+    check_some_valid(batch)
     if batch.errors:
         log.warning("%s", describe_errors(batch))
-    if not batch.requests:
-        raise WorkloadError(f"{path}: no valid request in {batch.n_lines} lines; {describe_errors(batch)}")
     return cluster, batch.requests
 
 
@@ -654,7 +725,7 @@ def parse_output_line(obj: dict, where: str) -> CompletionRecord | ErrorLine | N
         else:                                  # vLLM writes the message as a plain string
             code, message, line = "", str(err), None
         line = line if isinstance(line, int) and not isinstance(line, bool) else None
-        by_line = code == DUPLICATE_CUSTOM_ID or (line is not None and cid == f"line-{line}")
+        by_line = code == DUPLICATE_CUSTOM_ID or (line is not None and is_placeholder(cid, line))
         return ErrorLine(str(obj.get("id") or ""), cid, code, message, line, None if by_line else cid)
     if not isinstance(resp, dict):
         raise ResultsError(f"{where}: an OpenAI batch output line needs a 'response' object or an 'error'")
@@ -708,6 +779,7 @@ def prepare_batch_run(opts, cluster: ClusterSpec | None = None, requests: list[R
         cluster = load_cluster(opts.config)
     batch = check_batch_feasible(read_batch(opts.workload, limit=opts.limit, seed=opts.seed, encoder=encoder),
                                  cluster)
+    check_some_valid(batch)            # as simulate: nothing would run, and no run should start
     if opts.resume and opts.output and Path(opts.output).resolve() != Path(opts.resume).resolve():
         raise RuntimeSetupError(f"--resume {opts.resume} appends to that file; drop --output {opts.output} "
                                 f"or make it the same file")

@@ -13,6 +13,9 @@ Semantics (vLLM-like):
   KV than is free, the newest running sequence is preempted by *recompute* (vLLM's default):
   it returns to the front of the waiting queue keeping its generated tokens, and its next
   prefill recomputes ``prompt + generated`` tokens. Nothing is lost or finished twice.
+* ``begin`` prices an iteration by its kind only after checking that the kind matches what it
+  holds (decode: no chunks; prefill: no decode; mixed: both), so no schedule it accepts is
+  priced below its contents; each record counts recompute tokens and the output tokens yielded.
 * Decode progress is tracked lazily (a global step counter and a heap of finish steps), so a
   decode step costs O(finished * log B), not O(B): the simulator must run 100k requests fast.
 """
@@ -103,6 +106,8 @@ class Iteration:
     batch: int = 0
     ctx_tokens: int = 0
     resident: int = 0           # sequences holding a batch slot during the iteration
+    recompute_tokens: int = 0   # prefill tokens recomputing a preempted sequence's prompt + output
+    outputs: int = 0            # output tokens the iteration yields (decodes + completed prefills)
 
     def duration(self, cost: CostModel) -> float:
         return iteration_time(cost, self.kind, self.tokens, self.attn_sq, self.batch, self.ctx_tokens)
@@ -143,6 +148,8 @@ class IterationRecord:
     resident: int       # sequences holding a slot
     attn_sq: int = 0    # prefill attention work (the cost model's A)
     ctx_tokens: int = 0 # context of the decoding sequences (the cost model's C)
+    recompute_tokens: int = 0   # of ``tokens``: recompute prefill of preempted sequences (in ``tokens`` too)
+    outputs: int = 0    # output tokens yielded: one per decoding sequence + one per completed prefill
 
     def predicted_s(self, cost: CostModel) -> float:
         """What ``cost`` says this iteration takes (calibration compares it with the measured time)."""
@@ -167,6 +174,8 @@ class ReplicaState:
         self.step = 0                              # decode steps executed
         self.kv_used = 0                           # tokens held by running + prefilling
         self.waiting_dirty = False                 # set when the queue changed (sorters re-sort)
+        # set by a sorter that ordered only the queue's front (policies/sorting.py): orders the rest
+        self.unsorted_tail: Callable[[ReplicaState], None] | None = None
         self.current: Iteration | None = None
         self.busy_s = 0.0
         self.records: list[IterationRecord] = []
@@ -179,6 +188,7 @@ class ReplicaState:
         # never-started (movable) sequences' count and planned work, and the started ones
         self._fresh_n = 0
         self._fresh_work = 0.0
+        self._fresh_tokens = 0                     # predicted output tokens of never-started sequences
         self._resumed: dict[int, Sequence] = {}   # id() -> waiting sequence that has started (preempted)
 
     # -- views for policies -----------------------------------------------------------------
@@ -223,14 +233,22 @@ class ReplicaState:
             q_work += self.estimate(s.prefill_target, max(s.predicted_output - s.generated, 1))
         d = self.cost.decode
         per_token = d.base_s / self.max_batch + d.per_seq_s
-        r_tokens = 0
+        r_tokens = longest = 0
         for s in self.running.values():
-            r_tokens += self.remaining_predicted(s)
+            rem = self.remaining_predicted(s)
+            r_tokens += rem
+            longest = rem if rem > longest else longest
         for s in self.prefilling.values():
-            r_tokens += self.remaining_predicted(s)
+            rem = self.remaining_predicted(s)
+            r_tokens += rem
+            longest = rem if rem > longest else longest
         r_work = r_tokens * per_token
+        # work shares each decode step's base over a full batch; but the replica runs at least as
+        # many steps as its longest sequence has left, full or not (planner/banded.py's estimate)
+        idle = d.base_s * (longest - (r_tokens + self._fresh_tokens) / self.max_batch)
+        finish = now + q_work + r_work + (idle if idle > 0.0 else 0.0)
         return LoadReport(self.index, self.name, now, queued, len(self.running) + len(self.prefilling), movable,
-                          q_work, r_work, now + q_work + r_work, self.spec.group.name)
+                          q_work, r_work, finish, self.spec.group.name)
 
     # -- queue changes (router, controller) ---------------------------------------------------
     def add(self, seqs: list[Sequence]) -> None:
@@ -244,6 +262,7 @@ class ReplicaState:
 
     def take_back(self, count: int, newest_first: bool = True) -> list[Sequence]:
         """Remove up to ``count`` not-yet-started waiting sequences (for rebalancing)."""
+        self._order_tail()
         out: list[Sequence] = []
         order = range(len(self.waiting) - 1, -1, -1) if newest_first else range(len(self.waiting))
         for i in order:
@@ -262,6 +281,7 @@ class ReplicaState:
     def drain_unfinished(self) -> list[Sequence]:
         """Everything not finished, reset to be recomputed elsewhere (replica lost). A real request
         (with a payload) restarts from its prompt: its generated tokens stay in the lost engine."""
+        self._order_tail()
         out = list(self.running.values()) + list(self.prefilling.values()) + self.waiting
         for s in out:
             s.generated = 0 if s.req.payload is not None else self.generated(s)
@@ -269,7 +289,7 @@ class ReplicaState:
             s.epoch += 1
         self.running.clear(), self.prefilling.clear(), self._heap.clear()
         self.waiting, self.kv_used, self.current = [], 0, None
-        self._fresh_n, self._fresh_work = 0, 0.0
+        self._fresh_n, self._fresh_work, self._fresh_tokens = 0, 0.0, 0
         self._resumed.clear()
         return out
 
@@ -277,14 +297,17 @@ class ReplicaState:
         """New predictions for the queued sequences that never started (their predicted work and, with
         ``rekey``, their sort key follow), after the length predictor learned from completions. The
         queue is marked dirty so sorting policies re-sort. Returns how many predictions changed."""
+        self._order_tail()
         changed = 0
         delta = 0.0
+        tokens = 0
         work: dict[tuple[int, int], float] = {}        # many requests share (prompt, prediction)
         for s in self.waiting:
             if s.generated or s.prefilled or s.status != WAITING:      # started (not s.started: hot loop)
                 continue
             p = predict(s.req)
             if p != s.predicted_output:
+                tokens += p - s.predicted_output
                 s.predicted_output = p
                 key = (s.req.prompt_tokens, p)
                 w = work.get(key)
@@ -297,16 +320,26 @@ class ReplicaState:
                 changed += 1
         if changed:
             self._fresh_work += delta
+            self._fresh_tokens += tokens
             self.waiting_dirty = True
         return changed
 
     # -- one iteration ------------------------------------------------------------------------
     def begin(self, it: Iteration) -> Iteration | None:
-        """Validate ``it`` against the limits, apply preemptions and admissions, set cost features.
+        """Validate ``it`` against its kind and the limits, apply preemptions and admissions, set cost features.
 
-        Returns None if KV-pressure preemption left nothing to run (the policy is asked again).
+        The cost model prices an iteration by its kind, so the kind must match the contents (else a
+        prompt labelled as a decode step would be priced as one): a decode step has no prefill
+        chunks and advances every running sequence by exactly one token; a prefill has chunks and no
+        decode; a mixed one both. Each chunk belongs to one waiting or prefilling sequence of this
+        replica, once. Returns None if KV-pressure preemption left nothing to run (the policy is
+        asked again); the kind then follows what is left (a mixed step whose chunks were all
+        preempted is a decode step, one whose running batch was is a prefill).
         """
+        self._check_contents(it)
         for s in it.preempt:
+            if s.status in (RUNNING, PREFILLING) and self._holder(s) is not s:
+                raise SchedulingError(f"{self.name}: cannot preempt {s.id} ({STATUS_NAMES[s.status]} elsewhere)")
             self._preempt(s)
         chunk_tokens = sum(n for _, n in it.prefill)
         completing = sum(1 for s, n in it.prefill if s.prefilled + n >= s.prefill_target)
@@ -321,20 +354,27 @@ class ReplicaState:
             if not self.running:
                 it.decode = False
                 it.kind = PREFILL
+            elif not it.prefill:
+                it.kind = DECODE              # its chunks' sequences were preempted: priced as what runs
         if not it.prefill and not it.decode:
             return None                       # preemption emptied it: the caller asks the policy again
         running_ctx = self.kv_used - sum(s.prefilled for s in self.prefilling.values())
-        tokens = attn = 0
+        tokens = attn = recompute = 0
         admitted: list[Sequence] = []
         for s, n in it.prefill:
             if s.status == WAITING:
+                if s.replica != self.name:
+                    raise SchedulingError(f"{self.name}: {s.id} waits on {s.replica or 'no replica'}, not here")
                 admitted.append(s)
-            elif s.status != PREFILLING:
-                raise SchedulingError(f"{self.name}: {s.id} is {STATUS_NAMES[s.status]}, cannot prefill")
+            elif s.status != PREFILLING or self.prefilling.get(s.id) is not s:
+                raise SchedulingError(f"{self.name}: {s.id} is {STATUS_NAMES[s.status]}"
+                                      f"{'' if s.status != PREFILLING else ' elsewhere'}, cannot prefill")
             if n <= 0 or s.prefilled + n > s.prefill_target:
                 raise SchedulingError(f"{self.name}: bad chunk {n} for {s.id} ({s.prefilled}/{s.prefill_target})")
             attn += n * (2 * s.prefilled + n)   # chunks telescope: sum = L^2 of the whole prompt
             tokens += n
+            if s.generated:
+                recompute += n                # prompt + generated again, after a preemption
         if admitted:
             self._remove_waiting(admitted)
             for s in admitted:
@@ -353,12 +393,46 @@ class ReplicaState:
         budget = max(self.max_batched_tokens, it.prefill[0][1] if it.prefill else 0)
         if tokens + growth > budget and it.kind != DECODE:
             raise SchedulingError(f"{self.name}: {tokens + growth} tokens > budget {budget}")
-        it.tokens, it.attn_sq = tokens, attn
+        it.tokens, it.attn_sq, it.recompute_tokens = tokens, attn, recompute
         it.batch = len(self.running) if it.decode else 0
         it.ctx_tokens = running_ctx if it.decode else 0
         it.resident = len(self.running) + len(self.prefilling)
+        it.outputs = it.batch + completing
         self.current = it
         return it
+
+    def _check_contents(self, it: Iteration) -> None:
+        """The iteration's kind matches what it holds; no sequence is chunked twice in it."""
+        where = f"{self.name}: {it.kind} iteration"
+        if it.kind == DECODE:
+            if not it.decode:
+                raise SchedulingError(f"{where} without decode=True")
+            if it.prefill:
+                raise SchedulingError(f"{where} holds a prefill chunk of {it.prefill[0][0].id} "
+                                      f"({it.prefill[0][1]} tokens): label it {MIXED!r}")
+        elif it.kind == PREFILL:
+            if it.decode:
+                raise SchedulingError(f"{where} with decode=True: label it {MIXED!r}")
+            if not it.prefill:
+                raise SchedulingError(f"{where} holds no prefill chunk")
+        elif it.kind == MIXED:
+            if not it.decode or not it.prefill:
+                raise SchedulingError(f"{where} needs both prefill chunks and decode=True "
+                                      f"(got {len(it.prefill)} chunks, decode={it.decode})")
+        else:
+            raise SchedulingError(f"{self.name}: unknown iteration kind {it.kind!r}")
+        if it.kind == DECODE and not self.running and not it.preempt:
+            raise SchedulingError(f"{where} with nothing running")
+        if len(it.prefill) > 1:
+            seen: set[int] = set()
+            for s, _ in it.prefill:
+                if id(s) in seen:
+                    raise SchedulingError(f"{self.name}: {s.id} has two chunks in one iteration")
+                seen.add(id(s))
+
+    def _holder(self, s: Sequence) -> Sequence | None:
+        """This replica's running or prefilling sequence with ``s``'s id (None: not held here)."""
+        return self.running.get(s.id) or self.prefilling.get(s.id)
 
     def complete(self, it: Iteration, start_s: float, end_s: float) -> list[Sequence]:
         """Apply the finished iteration at ``end_s``; return the sequences that finished."""
@@ -393,7 +467,8 @@ class ReplicaState:
             heapq.heappush(self._heap, (self.step + s.req.output_tokens - s.generated, self._tiebreak, s.epoch, s))
         self.busy_s += end_s - start_s
         self.records.append(IterationRecord(start_s, end_s, it.kind, it.batch, len(it.prefill), it.tokens,
-                                            it.resident, it.attn_sq, it.ctx_tokens))
+                                            it.resident, it.attn_sq, it.ctx_tokens, it.recompute_tokens,
+                                            it.outputs))
         self.current = None
         return done
 
@@ -425,6 +500,12 @@ class ReplicaState:
         self._finish(s, now)
 
     # -- internals ----------------------------------------------------------------------------
+    def _order_tail(self) -> None:
+        """Before reading the queue past its front: finish a sorter's partial sort, as if it had
+        sorted it all."""
+        if self.unsorted_tail is not None:
+            self.unsorted_tail(self)
+
     def _queued(self, s: Sequence) -> None:
         """``s`` joined the queue: count it in the queue's load."""
         if s.started:
@@ -432,27 +513,29 @@ class ReplicaState:
         else:
             self._fresh_n += 1
             self._fresh_work += s.work_s
+            self._fresh_tokens += s.predicted_output
 
     def _dequeued(self, s: Sequence) -> None:
         """``s`` left the queue (admitted, or taken back): before its status changes."""
         if self._resumed.pop(id(s), None) is None:
             self._fresh_n -= 1
             self._fresh_work -= s.work_s
+            self._fresh_tokens -= s.predicted_output
             if not self._fresh_n:
                 self._fresh_work = 0.0            # no drift once the queue empties
 
     def recount_queue(self) -> None:
         """Recompute the queue's load from scratch (after changing queued sequences' ``work_s``)."""
-        self._fresh_n, self._fresh_work = 0, 0.0
+        self._order_tail()
+        self._fresh_n, self._fresh_work, self._fresh_tokens = 0, 0.0, 0
         self._resumed.clear()
         for s in self.waiting:
             self._queued(s)
 
     def _remove_waiting(self, admitted: list[Sequence]) -> None:
         """Take admitted sequences off the queue. Policies admit from the front, so usually the
-        admitted are a prefix of it, cut in one step; otherwise the queue is filtered once."""
-        for s in admitted:
-            self._dequeued(s)
+        admitted are a prefix of it, cut in one step; otherwise the queue is filtered once (and
+        every admitted sequence must have been in it)."""
         w = self.waiting
         k = 0
         ids = {id(s) for s in admitted}
@@ -461,7 +544,14 @@ class ReplicaState:
         if k == len(admitted):
             del w[:k]
         else:
-            self.waiting = [s for s in w if id(s) not in ids]
+            rest = [s for s in w if id(s) not in ids]
+            if len(rest) != len(w) - len(admitted):
+                queued = {id(s) for s in w}
+                lost = next(s for s in admitted if id(s) not in queued)
+                raise SchedulingError(f"{self.name}: {lost.id} is not in this replica's waiting queue")
+            self.waiting = rest
+        for s in admitted:
+            self._dequeued(s)
 
     def _newest_admitted(self) -> Sequence:
         newest = self.running[next(reversed(self.running))]

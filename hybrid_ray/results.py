@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -156,7 +157,12 @@ def read_results(path: str | Path, missing_ok: bool = False, parse: LineParser |
         try:
             obj = json.loads(raw.decode("utf-8"))
             rec = _parse_object(obj, f"{p} line {n}", parse)
-        except (UnicodeDecodeError, json.JSONDecodeError, ResultsError) as e:
+        except RecursionError:
+            if last_partial:
+                out.truncated_tail = True
+                break
+            raise ResultsError(f"{p} line {n}: not a JSON record (nested too deeply)") from None
+        except (ValueError, ResultsError) as e:     # UnicodeDecodeError, JSONDecodeError, a huge number
             if last_partial:
                 out.truncated_tail = True      # the writer died mid-line: that request runs again
                 break
@@ -213,21 +219,89 @@ def _cut_partial_tail(p: Path) -> None:
         fh.write(b"\n")                         # a whole record missing only its newline
 
 
+def _os_reason(e: OSError) -> str:
+    return e.strerror or type(e).__name__
+
+
+def check_writable(path: str | Path, option: str = "--output") -> None:
+    """Fail now, in one line, if ``path`` cannot be written: before a run starts Ray and plans.
+
+    Checks that no parent is a regular file, that the file (or the folder it will be created in)
+    is writable, and writes and flushes one real byte: into a temporary file beside it (a full or
+    read-only file system), or, for a device such as /dev/full, into the device itself (a newline,
+    which every reader here skips as a blank line). An existing regular file is never modified.
+    """
+    p = Path(path)
+    where = f"{option} {path}"
+    if p.is_dir():
+        raise ResultsError(f"{where}: is a directory; give a file path")
+    ancestor = p.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ResultsError(f"{where}: {ancestor} is a file, not a folder; choose a path outside it")
+    if p.exists() and not stat.S_ISREG(p.stat().st_mode):
+        if stat.S_ISCHR(p.stat().st_mode):            # /dev/null, /dev/full, a terminal
+            try:
+                with p.open("a", encoding="utf-8") as fh:
+                    fh.write("\n")
+                    fh.flush()
+            except OSError as e:
+                raise ResultsError(f"{where}: cannot write: {_os_reason(e)}") from None
+        return                                         # a FIFO: probing would block
+    if p.exists():
+        try:
+            with p.open("a", encoding="utf-8"):
+                pass
+        except OSError as e:
+            raise ResultsError(f"{where}: cannot write: {_os_reason(e)}; choose another file or fix its "
+                               f"permissions") from None
+    folder = p.parent if p.parent.is_dir() else ancestor
+    if not os.access(folder, os.W_OK | os.X_OK):
+        if p.exists():
+            return                                     # the file is writable in a read-only folder
+        raise ResultsError(f"{where}: cannot create it: folder {folder} is not writable")
+    try:
+        with tempfile.NamedTemporaryFile("wb", dir=folder, prefix=f".{p.name}.", suffix=".probe") as fh:
+            fh.write(b"\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as e:
+        raise ResultsError(f"{where}: cannot write in {folder}: {_os_reason(e)}") from None
+
+
 class ResultsWriter:
     """Appends records to a JSONL file, flushing after every ``write`` call.
 
     ``formatter`` turns a record into its line (no newline); default ``CompletionRecord.to_json``.
+    An I/O failure (full disk, a path under a file, no permission) is a ResultsError in one line that
+    says the file holds what finished before it (``--resume`` continues), raised once.
     """
 
     def __init__(self, path: str | Path, append: bool = False,
                  formatter: Callable[[CompletionRecord], str] | None = None):
         self.formatter = formatter or CompletionRecord.to_json
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if append:
-            _cut_partial_tail(self.path)
-        self._fh: IO[str] | None = self.path.open("a" if append else "w", encoding="utf-8")
         self.written = 0
+        self._fh: IO[str] | None = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if append:
+                _cut_partial_tail(self.path)
+            self._fh = self.path.open("a" if append else "w", encoding="utf-8")
+        except OSError as e:
+            raise ResultsError(f"{self.path}: cannot open for writing: {_os_reason(e)}") from None
+
+    def _failed(self, e: OSError) -> ResultsError:
+        """Drop the handle (its buffer would fail again on close) and say how to continue."""
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            try:
+                fh.close()
+            except OSError:
+                pass
+        return ResultsError(f"{self.path}: cannot write: {_os_reason(e)}; the lines written before stay valid: "
+                            f"free space or fix the path, then continue a run with --resume {self.path}")
 
     def write(self, records: Iterable[CompletionRecord]) -> None:
         assert self._fh is not None, "writer is closed"
@@ -238,14 +312,21 @@ class ResultsWriter:
         assert self._fh is not None, "writer is closed"
         text = [line + "\n" for line in lines]
         if text:
-            self._fh.write("".join(text))
-            self._fh.flush()
+            try:
+                self._fh.write("".join(text))
+                self._fh.flush()
+            except OSError as e:
+                raise self._failed(e) from None
             self.written += len(text)
 
     def close(self) -> None:
         if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+            fh, self._fh = self._fh, None
+            try:
+                fh.close()
+            except OSError as e:
+                self._fh = fh
+                raise self._failed(e) from None
 
     def __enter__(self) -> "ResultsWriter":
         return self

@@ -29,6 +29,7 @@ class RunOptions:
     history: str | None = None            # an earlier run's output: (prompt, output) pairs to start predictors
     plan_method: str = "cpsat"
     plan_time_limit_s: float = 5.0
+    plan_deterministic_time: float | None = None   # CP-SAT's deterministic budget (None: 0.4 x the limit)
     plan_workers: int = 2
     dispatch_lead_s: float = 0.05         # send arrivals this many real seconds early (replicas hold them
                                           # until their arrival time): hides Ray latency at small time scales
@@ -68,6 +69,7 @@ class RunResult:
     plan: Any = None
     output: str | None = None
     engine: str = "emulated"              # what ran the iterations, e.g. "transformers (tiny, cpu)"
+    controller_failures: list[str] = field(default_factory=list)   # why each controller actor was replaced
 
     def to_dict(self) -> dict:
         """``simulate``'s JSON keys plus the runtime's own."""
@@ -78,7 +80,8 @@ class RunResult:
                     messages=dict(self.messages), messages_per_request=self.messages_per_request,
                     max_lag_s=self.max_lag_s, late_adds=self.late_adds, late_mean_s=self.late_mean_s,
                     late_max_s=self.late_max_s, resumed_skipped=self.skipped,
-                    duplicates_ignored=self.duplicates_ignored, output=self.output, engine=self.engine)
+                    duplicates_ignored=self.duplicates_ignored, output=self.output, engine=self.engine,
+                    controller_restarts=len(self.controller_failures))
         return data
 
 

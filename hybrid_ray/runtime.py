@@ -12,10 +12,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .actors.session import connect_ray
+from .actors.session import Terminated, connect_ray, sigterm_interrupts
 from .config import ClusterSpec
 from .engines import engine_spec
-from .errors import ReplicasLostError, RuntimeSetupError
+from .errors import ControllerLostError, ReplicasLostError, RuntimeSetupError
 from .inputs import load_inputs
 from .results import PLAIN
 from .runspec import RunOptions, RunResult, engine_label
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .actors.driver import Driver
 
 __all__ = ["RunOptions", "RunResult", "run", "prepare", "resolve_engine", "engine_label", "connect_ray",
-           "RuntimeSetupError", "ReplicasLostError"]
+           "RuntimeSetupError", "ReplicasLostError", "ControllerLostError", "Terminated"]
 
 
 def resolve_engine(opts: RunOptions, cluster: ClusterSpec) -> RunOptions:
@@ -104,7 +104,14 @@ def run(opts: RunOptions, hook: Callable[[Driver], None] | None = None, *, clust
     ``cluster``/``requests`` replace ``opts.config``/``opts.workload``; ``scheduler`` replaces the
     named policy (the router, controller and policy objects must be picklable by cloudpickle).
     When the run ends, the output format finalizes the file (an OpenAI batch output: input order).
+    SIGTERM (main thread) raises ``Terminated``, a ``KeyboardInterrupt``: the run unwinds as on Ctrl-C.
     """
+    with sigterm_interrupts():
+        return _run(opts, hook, cluster=cluster, requests=requests, scheduler=scheduler)
+
+
+def _run(opts: RunOptions, hook: Callable[[Driver], None] | None, *, cluster: ClusterSpec | None,
+         requests: list[Request] | None, scheduler) -> RunResult:
     t0 = time.perf_counter()
     opts, cluster, requests = prepare_batch(opts, cluster, requests)   # an OpenAI batch: -o is the resume file
     opts, cluster, todo, skipped = prepare(opts, cluster, requests)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hybrid_ray.errors import InfeasibleRequestError, WorkloadError
+from hybrid_ray.errors import InfeasibleRequestError, WorkloadError, one_line
 from hybrid_ray.payload import Payload
 
 if TYPE_CHECKING:
@@ -51,6 +51,9 @@ _CSV_SUFFIXES = (".csv",)
 # Azure 2023 timestamps carry 7 fractional digits ('18:15:46.6805900'); datetime holds 6 and
 # Python 3.10's fromisoformat wants exactly 6 (or 3), so the fraction is cut or padded to 6.
 _FRACTION = re.compile(r"\.(\d+)")
+# Latest arrival accepted (about 31.7 years): beyond it a float time cannot resolve a decode step
+# (its spacing passes 1e-7 s), and 1e308 would overflow to inf in the first sum.
+MAX_ARRIVAL_S = 1e9
 
 
 def _data_file(*parts: str) -> Traversable:
@@ -157,23 +160,32 @@ def _token_count(raw: Any, key: str) -> int:
                 as_float = math.nan
             value = int(as_float) if as_float.is_integer() else None
     if value is None or value < 1:
-        raise ValueError(f"{key} must be an integer >= 1, got {raw!r}")
+        raise ValueError(f"{key} must be an integer >= 1, got {_short(raw)}")
     return value
 
 
 def _arrival(raw: Any) -> float:
-    """A finite float >= 0 (seconds); bools and NaN/inf are rejected."""
+    """A float in [0, MAX_ARRIVAL_S] (seconds); bools, NaN/inf and huge values are rejected."""
     value = math.nan
-    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-        value = float(raw)
-    elif isinstance(raw, str):
-        try:
+    try:
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
             value = float(raw)
-        except ValueError:
-            pass
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"arrival_s must be a finite number >= 0 (seconds), got {raw!r}")
+        elif isinstance(raw, str):
+            value = float(raw)
+    except (ValueError, OverflowError):
+        pass
+    if not math.isfinite(value) or not 0 <= value <= MAX_ARRIVAL_S:
+        raise ValueError(f"arrival_s must be a number of seconds in [0, {MAX_ARRIVAL_S:g}], got {_short(raw)}")
     return value
+
+
+def _short(raw: Any, limit: int = 80) -> str:
+    """``repr(raw)``, cut to ``limit`` characters (a message stays one readable line)."""
+    try:
+        text = repr(raw)
+    except ValueError:                 # an int too long to print
+        text = f"an integer of {raw.bit_length()} bits" if isinstance(raw, int) else type(raw).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _request_id(raw: Any, default: str) -> str:
@@ -184,7 +196,7 @@ def _request_id(raw: Any, default: str) -> str:
         return raw.strip()
     if isinstance(raw, int) and not isinstance(raw, bool):
         return str(raw)
-    raise ValueError(f"id must be a string or an integer, got {raw!r}")
+    raise ValueError(f"id must be a string or an integer, got {_short(raw)}")
 
 
 def _is_missing(raw: Any) -> bool:
@@ -223,6 +235,9 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             except json.JSONDecodeError as exc:
                 raise WorkloadError(f"{where}: invalid JSON ({exc.msg}); expected one JSON object "
                                     "per line") from exc
+            except (ValueError, RecursionError) as exc:   # a 5,000-digit number; [[[[...]]]] nested too deep
+                what = "nested too deeply" if isinstance(exc, RecursionError) else one_line(exc)
+                raise WorkloadError(f"{where}: invalid JSON ({what}); expected one JSON object per line") from None
             if not isinstance(obj, dict):
                 raise WorkloadError(f"{where}: expected a JSON object per line, got "
                                     f"{type(obj).__name__}")
@@ -245,7 +260,7 @@ def _csv_header(path: Path, header: list[str] | None) -> list[str]:
     for key in _REQUIRED_KEYS:
         if key not in names:
             raise WorkloadError(f"{path} line 1: missing column {key!r} (header has: "
-                                f"{', '.join(names)})")
+                                f"{one_line(', '.join(names))})")
     return names
 
 

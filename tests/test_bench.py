@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from hybrid_ray.bench.cases import make_case, report, run_case
+from hybrid_ray.bench.cases import BASELINES, POLICIES, case_seeds, make_case, make_long_case, report, run_case
 from hybrid_ray.bench.paper import PAPER, run_paper
 from hybrid_ray.cli import main
 from hybrid_ray.workload import load_gsm8k
@@ -40,21 +40,51 @@ def test_cases_are_seeded_and_summarised(tmp_path):
     a, b = make_case(5, pool), make_case(5, pool)
     assert a[2] == b[2] and [q.id for q in a[1]] == [q.id for q in b[1]]
     assert make_case(6, pool)[2] != a[2] or len(make_case(6, pool)[1]) != len(a[1])
-    results = [run_case(i, 1000 + i, pool, time_limit_s=0.5) for i in range(3)]
+    results = [run_case(i, 1000 + i, pool, time_limit_s=0.5) for i in range(2)]
+    results += [run_case(2 + j, 2000 + j, None, time_limit_s=0.5, kind="long") for j in range(2)]
     data = report(results, 0, str(tmp_path / "c.json"), 0.0, progress=None)
     assert json.loads((tmp_path / "c.json").read_text())["summary"] == data["summary"]
-    imp = [1 - r.makespan_s["hybrid"] / r.makespan_s["baseline"] for r in results]
-    assert data["summary"]["hybrid"]["makespan_reduction_pct"]["mean"] == pytest.approx(100 * sum(imp) / 3)
-    assert data["summary"]["hybrid"]["worse_than_baseline"] == sum(x < 0 for x in imp)
+    assert set(data["summary"]) == {"all", "gsm8k", "long"}
+    assert list(data["summary"]["all"]) == list(BASELINES) + ["best", "offline"]   # every faithful baseline
+    for group, rs in (("all", results), ("gsm8k", results[:2]), ("long", results[2:])):
+        for p in BASELINES:
+            ratio = [r.makespan_s["hybrid"] / r.makespan_s[p] for r in rs]
+            s = data["summary"][group][p]
+            assert s["cases"] == len(rs)
+            assert s["ratio"]["mean"] == pytest.approx(sum(ratio) / len(rs))
+            assert (s["ratio"]["min"], s["ratio"]["max"]) == (min(ratio), max(ratio))
+            lost = [100 * (x - 1) for x in ratio if x > 1 + 1e-9]
+            assert s["losses"] == len(lost) and s["worst_loss_pct"] == pytest.approx(max(lost, default=0.0))
+        best = [r.makespan_s["hybrid"] / min(r.makespan_s[p] for p in BASELINES) for r in rs]
+        assert data["summary"][group]["best"]["ratio"]["max"] == max(best)
     for r in results:
+        assert set(r.makespan_s) == set(POLICIES)
         assert r.lower_bound_s <= min(r.makespan_s.values())
+
+
+def test_long_context_cases_are_kv_bound_and_feasible():
+    for seed in range(20):
+        cl, reqs, desc = make_long_case(seed)
+        assert [q.id for q in make_long_case(seed)[1]] == [q.id for q in reqs] and make_long_case(seed)[2] == desc
+        assert all(2048 <= q.prompt_tokens <= 32768 and q.arrival_s == 0 for q in reqs)
+        need = max(q.prompt_tokens + q.output_tokens for q in reqs)
+        for g in cl.groups:
+            assert 2 * need <= g.kv_capacity_tokens <= 5 * need        # KV-bound, yet every request fits
+            assert g.max_batched_tokens in (2048, 4096, 8192)
+    assert max(q.prompt_tokens for s in range(20) for q in make_long_case(s)[1]) > 16_000
+
+
+def test_case_seeds_keep_the_gsm8k_cases_and_add_long_ones():
+    seeds = case_seeds(3, 1, 2)
+    assert seeds[:3] == [(i, 100_003 + i, "gsm8k") for i in range(3)]
+    assert [k for _, _, k in seeds[3:]] == ["long", "long"] and len({s for _, s, _ in seeds}) == 5
 
 
 @pytest.mark.ray
 def test_cases_as_ray_tasks_equal_sequential(tmp_path):
     from hybrid_ray.bench.cases import run_cases
-    seq = run_cases(2, seed=7, out=None, progress=None, parallel=False)
-    par = run_cases(2, seed=7, out=None, progress=None, parallel=True)
+    seq = run_cases(2, seed=7, out=None, progress=None, parallel=False, long=1)
+    par = run_cases(2, seed=7, out=None, progress=None, parallel=True, long=1)
     assert par["cases"] == seq["cases"]
 
 

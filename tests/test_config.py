@@ -40,7 +40,7 @@ def _valid() -> dict:
              "max_batched_tokens": 2048, "resources": {"GPU": 1, "CPU": 0.5},
              "cost_model": copy.deepcopy(SEVEN_B)},
         ],
-        "policy": {"hybrid": {"lambda": 0.1}},
+        "policy": {"hybrid": {"multiplier": 0.1}},
     }
 
 
@@ -120,7 +120,7 @@ def test_parse_defaults_and_types():
     assert a.max_batched_tokens == 8192 and a.resources == {"CPU": 1}
     assert b.max_batched_tokens == 2048 and b.resources == {"GPU": 1, "CPU": 0.5}
     assert a.cost_model == CostModel(PrefillCost(**SEVEN_B["prefill"]), DecodeCost(**SEVEN_B["decode"]))
-    assert spec.policy == {"hybrid": {"lambda": 0.1}} and spec.source == "mem.yaml"
+    assert spec.policy == {"hybrid": {"multiplier": 0.1}} and spec.source == "mem.yaml"
     minimal = {"groups": [{"name": "g", "count": 1, "max_batch_size": 1, "kv_capacity_tokens": 1,
                            "cost_model": {"prefill": {"floor_s": 1, "base_s": 0, "per_token_s": 0},
                                           "decode": {"base_s": 1, "per_seq_s": 0, "per_ctx_token_s": 0}}}]}
@@ -142,9 +142,9 @@ def test_round_trip_does_not_share_state():
     spec = parse_cluster(_valid(), "mem.yaml")
     d = spec.to_dict()
     assert parse_cluster(d, "mem.yaml") == spec
-    d["policy"]["hybrid"]["lambda"] = 99
+    d["policy"]["hybrid"]["multiplier"] = 99
     d["groups"][1]["resources"]["GPU"] = 7
-    assert spec.policy["hybrid"]["lambda"] == 0.1 and spec.groups[1].resources["GPU"] == 1
+    assert spec.policy["hybrid"]["multiplier"] == 0.1 and spec.groups[1].resources["GPU"] == 1
 
 
 def test_exponent_without_dot_is_a_float(tmp_path):
@@ -233,8 +233,20 @@ BAD_CASES = {
     "groups not a list": (_set("groups", {"a": 1}), ["groups: expected a list, got a mapping"]),
     "group not a mapping": (_set("groups.1", "b"), ["groups[1]: expected a mapping, got 'b' (a string)"]),
     "resources non-numeric": (_set("groups.1.resources", {"GPU": "one"}),
-                              ["groups[1].resources.GPU: expected a number > 0, got 'one' (a string)"]),
-    "resources zero": (_set("groups.1.resources", {"GPU": 0}), ["groups[1].resources.GPU: expected a number > 0"]),
+                              ["groups[1].resources.GPU: expected a number >= 0.0001 (Ray's unit), got 'one' (a string)"]),
+    "resources zero": (_set("groups.1.resources", {"GPU": 0}), ["groups[1].resources.GPU: expected a number >= 0.0001"]),
+    "resources below Ray's unit": (_set("groups.1.resources", {"CPU": 1e-9}),
+                                   ["groups[1].resources.CPU: expected a number >= 0.0001", "round 1e-09 to 0"]),
+    "resources beyond any node": (_set("groups.1.resources", {"CPU": 1e12}),
+                                  ["groups[1].resources.CPU: expected a number <= 1e+09"]),
+    "unknown policy": (_set("policy", {"hybird": {}}), ["policy: unknown policy 'hybird' (did you mean 'hybrid'?)"]),
+    "unknown knob": (_set("policy", {"hybrid": {"lambda": 1}}), ["policy.hybrid: unknown key 'lambda'"]),
+    "knob below range": (_set("policy", {"chunked": {"token_budget": 0}}),
+                         ["policy.chunked.token_budget: expected an integer >= 1, got 0"]),
+    "knob nan": (_set("policy", {"hybrid": {"multiplier": float("nan")}}),
+                 ["policy.hybrid.multiplier: expected a number >= 0, got nan"]),
+    "knob float for int": (_set("policy", {"raydata": {"batch_size": 2.5}}),
+                           ["policy.raydata.batch_size: expected an integer >= 1, got 2.5"]),
     "resources not a mapping": (_set("groups.0.resources", ["GPU"]), ["groups[0].resources: expected a mapping"]),
     "policy not a mapping": (_set("policy", ["hybrid"]), ["policy: expected a mapping, got a list"]),
     "policy knobs not a mapping": (_set("policy", {"hybrid": 3}), ["policy.hybrid: expected a mapping, got 3"]),

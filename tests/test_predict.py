@@ -218,7 +218,8 @@ def test_oracle_summary_reports_zero_error(paper200):
 
 def test_online_lengths_learn_repredict_and_are_deterministic(paper200):
     cl, reqs = paper200
-    runs = [simulate(cl, build_scheduler("hybrid", cl, reqs, lengths="online", time_limit_s=1.0), reqs)
+    runs = [simulate(cl, build_scheduler("hybrid", cl, reqs, lengths="online", time_limit_s=float("inf"),
+                                             deterministic_time=0.4), reqs)
             for _ in range(2)]
     a, b = (summarize(r) for r in runs)
     assert a.to_dict() == b.to_dict()

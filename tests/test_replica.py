@@ -3,7 +3,7 @@ import pytest
 
 from hybrid_ray.config import ClusterSpec
 from hybrid_ray.policies import build_scheduler
-from hybrid_ray.replica import DECODE, PREFILL, Iteration, ReplicaState, SchedulingError, Sequence
+from hybrid_ray.replica import DECODE, MIXED, PREFILL, Iteration, ReplicaState, SchedulingError, Sequence
 from hybrid_ray.simulator import simulate
 from hybrid_ray.workload import Request
 
@@ -93,3 +93,83 @@ def test_chunked_prefill_splits_long_prompt():
     assert [x.tokens for x in recs[:4]] == [64, 64, 64, 8]
     assert rec.sequences[0].first_token_s == pytest.approx(recs[3].end_s)
     assert rec.sequences[0].generated == 4
+
+
+def _replica(max_batch=4, kv=1_000):
+    r = ReplicaState(cluster(count=1, max_batch=max_batch, kv=kv).replicas()[0])
+    seqs = [Sequence(Request(f"q{i}", 10, 5), 5) for i in range(3)]
+    r.add(seqs)
+    return r, seqs
+
+
+def _running(r, seqs):
+    it = r.begin(Iteration(PREFILL, [(seqs[0], 10)]))
+    r.complete(it, 0.0, 1.0)
+    return seqs[0]
+
+
+@pytest.mark.parametrize("make, match", [
+    # a prompt labelled as a decode step would be priced as one
+    (lambda s: Iteration(DECODE, [(s[1], 10)], decode=True), r"decode iteration holds a prefill chunk of q1"),
+    (lambda s: Iteration(PREFILL, [(s[1], 10)], decode=True), r"prefill iteration with decode=True"),
+    (lambda s: Iteration(PREFILL, [], decode=False), r"prefill iteration holds no prefill chunk"),
+    (lambda s: Iteration(MIXED, [], decode=True), r"mixed iteration needs both"),
+    (lambda s: Iteration(MIXED, [(s[1], 10)], decode=False), r"mixed iteration needs both"),
+    (lambda s: Iteration(DECODE, decode=False), r"decode iteration without decode=True"),
+    (lambda s: Iteration("burst", decode=True), r"unknown iteration kind"),
+    (lambda s: Iteration(MIXED, [(s[1], 4), (s[1], 4)], decode=True), r"q1 has two chunks"),
+    (lambda s: Iteration(MIXED, [(s[0], 1)], decode=True), r"q0 is running, cannot prefill"),
+])
+def test_begin_checks_contents_against_kind(make, match):
+    r, seqs = _replica()
+    _running(r, seqs)
+    with pytest.raises(SchedulingError, match=r"^r?[\w-]+: .*" + match):
+        r.begin(make(seqs))
+
+
+def test_begin_names_replica_and_rejects_foreign_sequences():
+    r, seqs = _replica()
+    other, theirs = _replica()
+    with pytest.raises(SchedulingError, match=rf"^{r.name}: q0 is not in this replica's waiting queue"):
+        r.begin(Iteration(PREFILL, [(seqs[1], 10), (theirs[0], 10)]))   # same id, another replica's object
+    r2, seqs2 = _replica()
+    r2.take_back(1)                                                     # q2 left the queue
+    with pytest.raises(SchedulingError, match="q2 is not in this replica's waiting queue"):
+        r2.begin(Iteration(PREFILL, [(seqs2[0], 10), (seqs2[2], 10)]))
+    r3, seqs3 = _replica()
+    _running(r3, seqs3)
+    with pytest.raises(SchedulingError, match="cannot preempt q0 .running elsewhere"):
+        r.begin(Iteration(DECODE, decode=True, preempt=[seqs3[0]]))
+    with pytest.raises(SchedulingError, match="decode iteration with nothing running"):
+        ReplicaState(r.spec).begin(Iteration(DECODE, decode=True))
+
+
+def test_recompute_prefill_counts_its_tokens_in_the_record():
+    r, seqs = _replica()
+    a = _running(r, seqs)
+    for t in range(2):                                           # two decode steps: a holds 3 tokens
+        r.complete(r.begin(Iteration(DECODE, decode=True)), 1.0 + t, 2.0 + t)
+    it = r.begin(Iteration(DECODE, decode=True, preempt=[a]))   # preempting the only runner empties it
+    assert it is None and a.generated == 3 and r.waiting[0] is a and a.prefill_target == 13
+    it = r.begin(Iteration(PREFILL, [(a, 13), (seqs[1], 10)]))
+    r.complete(it, 3.0, 4.0)
+    rec = r.records[-1]
+    assert (rec.kind, rec.tokens, rec.recompute_tokens, rec.outputs) == (PREFILL, 23, 13, 2)
+    assert rec.attn_sq == 13 ** 2 + 10 ** 2
+    assert a.generated == 4                                      # the recompute prefill yielded a's 4th token
+    r.complete(r.begin(Iteration(DECODE, decode=True)), 4.0, 5.0)
+    assert r.records[-1].outputs == 2 and r.records[-1].recompute_tokens == 0
+
+
+def test_kv_preemption_relabels_a_mixed_step_by_what_is_left():
+    """The mixed step's only chunk belongs to the newest admitted sequence, which KV pressure
+    preempts: what runs is a decode step, and it is priced and recorded as one."""
+    r = ReplicaState(cluster(count=1, max_batch=4, kv=22).replicas()[0])
+    a, b = Sequence(Request("a", 10, 8), 8), Sequence(Request("b", 10, 8), 8)
+    r.add([a, b])
+    r.complete(r.begin(Iteration(PREFILL, [(a, 10)])), 0.0, 1.0)                # a runs: KV 11
+    r.complete(r.begin(Iteration(MIXED, [(b, 5)], decode=True)), 1.0, 2.0)     # KV 12 + 5
+    it = r.begin(Iteration(MIXED, [(b, 5)], decode=True))                      # 17 + 1 + 5 + 1 > 22
+    assert it.kind == DECODE and it.prefill == [] and it.batch == 1
+    assert b.preemptions == 1 and r.waiting[0] is b
+    assert it.duration(r.cost) == r.cost.decode_time(1, 12)

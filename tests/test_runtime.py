@@ -143,6 +143,8 @@ def test_plan_dispatch_complete(ray_session, tmp_path):
     # simulator does not have, and it grows with the host's load (-13 %..+20 % makespan at the config's
     # 0.02 on a busy 2-core host). At 0.1 that is 5 x smaller; the work itself is compared exactly.
     ("raydata", {"raydata": {"batch_size": 8, "max_concurrent_batches": 1}}, 0.1, 0.10),
+    # the hybrid's late-binding mode: Serve's bounded queues fed longest first, pull-based like raydata
+    ("hybrid", {"hybrid": {"dispatch": "bounded"}}, 0.1, 0.10),
 ])
 def test_run_agrees_with_simulate(ray_session, policy, knobs, time_scale, makespan_rel):
     cluster, requests = load_inputs("paper_llama65b", "gsm8k", 120)
@@ -154,6 +156,8 @@ def test_run_agrees_with_simulate(ray_session, policy, knobs, time_scale, makesp
     assert res.summary.makespan_s == pytest.approx(sim.makespan_s, rel=makespan_rel)
     assert res.summary.iterations == pytest.approx(sum(len(r.records) for r in sim.replicas), rel=0.05)
     assert res.summary.output_tokens == sum(q.output_tokens for q in requests)
+    if "dispatch" in knobs.get("hybrid", {}):
+        assert res.plan.info["dispatch"] == "bounded" and res.plan.method == "bounded"
     if policy != "hybrid":           # no timing-driven moves: the same iterations, the same modelled busy time
         assert res.summary.iterations == sum(len(r.records) for r in sim.replicas)
         busy = [sum(it.end_s - it.start_s for r in rec.replicas for it in r.records) for rec in (res.record, sim)]
@@ -329,6 +333,69 @@ def test_bad_addresses_fail_fast(ray_session, monkeypatch):
     with pytest.raises(RuntimeSetupError, match="not a number"):
         connect_ray("127.0.0.1:http")
     assert len(probes) == 1 and inits == []           # both refused before any connection attempt
+
+
+def _grown(tmp_path, count: int, config: str = "local"):
+    """A bundled config with ``count`` replicas per group, written to a file of its own."""
+    import yaml
+
+    from hybrid_ray.config import load_cluster
+
+    cl = load_cluster(config)
+    data = {"name": "big", "time_scale": cl.time_scale,
+            "groups": [dict(g.to_dict(), count=count) for g in cl.groups]}
+    path = tmp_path / "big.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_cluster(str(path)), path
+
+
+def test_replica_count_the_machine_cannot_hold_fails_before_ray(tmp_path):
+    from hybrid_ray.actors.session import check_local_capacity, group_resources
+
+    big, path = _grown(tmp_path, 1000)
+    with pytest.raises(RuntimeSetupError) as info:
+        check_local_capacity(big, group_resources(big, None), cores=2, real_engine=False)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: 'llama7b' 1000 x 1 CPU = 1000 replicas, too many for a local Ray")
+    assert "its 2 cores host at most 16 emulated replicas" in msg and "--address" in msg and "\n" not in msg
+    ten, _ = _grown(tmp_path, 10)
+    with pytest.raises(RuntimeSetupError, match="'llama7b' 10 x 4 CPU = 40 CPU, too many"):   # few, but big
+        check_local_capacity(ten, {"llama7b": {"CPU": 4.0}}, cores=2, real_engine=False)
+    small, _ = _grown(tmp_path, 16)
+    check_local_capacity(small, {"llama7b": {"CPU": 0.1}}, cores=2, real_engine=False)   # bench load's shape
+    check_local_capacity(small, group_resources(small, None), cores=2, real_engine=False)
+    tiny, _ = _grown(tmp_path, 2, "cpu_tiny")
+    check_local_capacity(tiny, group_resources(tiny, None), cores=2, real_engine=True)   # one core each
+    with pytest.raises(RuntimeSetupError, match="'tiny' 2 x 2 CPU = 4 CPU for real engines, but this machine has 2"):
+        check_local_capacity(tiny, group_resources(tiny, 2.0), cores=2, real_engine=True)
+
+
+def test_cli_replica_count_fails_fast_without_starting_ray(tmp_path, monkeypatch, capsys):
+    import ray
+
+    from hybrid_ray.actors import driver as driver_mod
+
+    _, path = _grown(tmp_path, 1000)
+    started = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)        # as from a shell, whatever ran before
+    monkeypatch.setattr(driver_mod, "connect_ray", lambda *a, **k: started.append(a) or pytest.fail("Ray started"))
+    monkeypatch.setattr(driver_mod.os, "cpu_count", lambda: 2)
+    assert main(["run", "--config", str(path), "--limit", "5", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert started == []
+    assert err.count("\n") == 1 and err.startswith(f"hybrid-ray: error: {path}: 'llama7b' 1000 x 1 CPU = 1000 replicas")
+
+
+def test_remote_cluster_too_small_names_the_config_file():
+    from hybrid_ray.actors.session import check_resources
+    from hybrid_ray.config import load_cluster
+
+    cl = load_cluster("local")
+    with pytest.raises(RuntimeSetupError) as info:
+        check_resources(cl.groups, {"llama7b": {"CPU": 1.0}}, {"CPU": 3.0}, [{"CPU": 2.0}, {"CPU": 1.0}],
+                        source="big.yaml")
+    assert str(info.value).startswith(
+        "big.yaml: group 'llama7b' 4 x 1 CPU = 4 CPU needed, but the Ray cluster has 3 CPU")
 
 
 def test_inside_a_ray_job_no_address_means_the_jobs_cluster(monkeypatch):

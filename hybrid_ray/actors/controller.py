@@ -21,10 +21,19 @@ A failed replica looks, to the router, infinitely loaded and with nothing to mov
 controller does not see it at all. If a router still picks it (round robin, or a plan made
 before the failure), the request goes to the least-loaded live replica instead (the baseline's
 ``LeastLoadedRouter``).
+
+Failures of the controller itself. The driver pings it (``ping``, its heartbeat, which also
+carries its move and message counts) and replaces it when it dies or stops answering: the new
+actor has the next *generation* number, which it sends with every ``add`` and ``take_back`` (the
+replicas refuse an older generation's), and ``rebuild`` hands it the replicas' loads and the
+ids each holds, the failed replicas and the run's clock. Its other books start empty: the
+router, controller and dispatcher objects are fresh copies of the scheduler's, and requests the
+old controller held or had in flight are requeued by the driver.
 """
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -64,7 +73,8 @@ class _Delta:
 
 class ControllerActor:
     def __init__(self, cluster: ClusterSpec, router, controller, replicas: list, time_scale: float,
-                 call_timeout_s: float = 30.0, dispatcher=None):
+                 call_timeout_s: float = 30.0, dispatcher=None, generation: int = 0):
+        self.gen = generation              # sent with every add / take_back: replicas fence off older ones
         self.specs = cluster.replicas()
         self.router = router
         self.ctrl = controller
@@ -89,13 +99,38 @@ class ControllerActor:
         self._rebalancing = asyncio.Lock()  # one rebalance at a time (periodic, or after new predictions)
 
     # -- lifecycle ------------------------------------------------------------------------------
-    async def ready(self) -> bool:
-        return True
+    async def ready(self) -> int:
+        """Answers once placed; returns the actor's process id (fault tests signal it)."""
+        return os.getpid()
+
+    async def ping(self) -> tuple[int, dict]:
+        """The driver's heartbeat; returns the moves and messages so far (kept if this actor is lost)."""
+        return self.stats.moves, dict(self.msgs)
 
     async def start(self, epoch: float, t_first: float) -> None:
         self.clock = ModelClock(epoch, t_first, self.time_scale)
         self.reports = [replace(r, now=t_first, predicted_finish_s=t_first + r.queued_work_s + r.running_work_s)
                         for r in self.reports]
+        self._start_loop()
+
+    async def rebuild(self, held: dict[int, tuple[LoadReport, list[str]]], dead: list[int],
+                      epoch: float | None, t_first: float, routed: int = 0) -> None:
+        """Take over from a lost controller: each live replica's load and the ids it holds (its tag
+        count restarts at 0, as the replica's did in ``set_controller``), the failed replicas, and,
+        if the run has started, its clock. ``routed``: arrivals the lost controllers were given (a
+        dispatcher that counts rows, e.g. Ray Data's, must still cut its last partial block)."""
+        self.dead = set(dead)
+        if self.dispatcher is not None and hasattr(self.dispatcher, "seen"):
+            self.dispatcher.seen = routed
+        for i, (rep, ids) in held.items():
+            self.reports[i], self.report_tag[i], self.next_tag[i], self.deltas[i] = rep, 0, 0, []
+            for rid in ids:
+                self.where[rid] = i
+        if epoch is not None:
+            self.clock = ModelClock(epoch, t_first, self.time_scale)
+            self._start_loop()
+
+    def _start_loop(self) -> None:
         if self.ctrl is not None and self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._rebalance_loop())
 
@@ -266,7 +301,7 @@ class ControllerActor:
         for s in seqs:
             self.where[s.id] = i
         self.msgs["add"] += 1
-        return self.handles[i].add.remote(seqs, tag, at)
+        return self.handles[i].add.remote(seqs, tag, at, self.gen)
 
     async def _settle(self, i: int, ref) -> bool:
         try:
@@ -302,7 +337,7 @@ class ControllerActor:
             tag = self.next_tag[m.src]
             self.msgs["take_back"] += 1
             try:
-                taken = await self._call(self.handles[m.src].take_back.remote(m.count, tag))
+                taken = await self._call(self.handles[m.src].take_back.remote(m.count, tag, self.gen))
             except Exception:            # noqa: BLE001 -- its requests stay booked there: requeued
                 self.dead.add(m.src)
                 continue

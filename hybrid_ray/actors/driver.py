@@ -12,6 +12,16 @@ declared failed (and killed, so it cannot finish anything late): every request b
 has not finished is recomputed from its prompt on the survivors. If none survive, the run stops
 with the unfinished ids, also written to a file, and ``--resume`` picks up from the output.
 
+The controller actor is watched the same way: one ``ping`` in flight (its heartbeat). If a
+controller call or the ping fails with ``RayActorError``, or the ping stays unanswered past the
+heartbeat timeout, the driver kills it and starts a new one of the next generation
+(``_replace_controller``, at most ``MAX_CONTROLLER_RESTARTS`` times): every live replica is pointed
+at it (``set_controller``, which fences off the old generation's adds) and reports the ids it
+holds; the new controller gets those books, and whatever the driver had sent for routing that no
+replica holds and that has not finished (held by the old controller, or in flight from it) is
+requeued. Completions are de-duplicated by id, so every request is still recorded exactly once.
+Beyond the restarts, the run stops with ``ControllerLostError`` and the resume hint.
+
 Output lengths: the driver owns the scheduler's length predictor. Each completion tells it a true
 length (``observe``); when that moves its predictions (``version``), the new table goes to the
 controller, which has every replica re-predict its queued work and rebalances, as ``simulate`` does.
@@ -19,6 +29,7 @@ controller, which has every replica re-predict its queued work and rebalances, a
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from collections import Counter
@@ -27,17 +38,19 @@ from typing import Any, Callable
 
 from ..config import ClusterSpec
 from ..engines import engine_spec
-from ..errors import HybridRayError, ReplicasLostError, RuntimeSetupError
+from ..errors import ControllerLostError, HybridRayError, ReplicasLostError, RuntimeSetupError
 from ..progress import Progress
 from ..replica import FINISHED, LoadReport, ReplicaState, Sequence
 from ..results import PLAIN, CompletionRecord, ResultsWriter
 from ..runspec import RunOptions, RunResult, engine_label   # not ..runtime: it imports this module
 from ..workload import Request
-from .session import actor_options, check_resources, connect_ray, describe_resources, group_resources, local_cpus
+from .session import (actor_options, check_local_capacity, check_resources, connect_ray, describe_resources,
+                      group_resources, local_cpus, shutdown_ray, will_start_local)
 
 log = logging.getLogger(__name__)
 
 UNFINISHED_DEFAULT = "hybrid-ray-unfinished.txt"
+MAX_CONTROLLER_RESTARTS = 3        # controller replacements per run before it stops with the resume hint
 
 
 def _p99(values: list[float]) -> float:
@@ -98,6 +111,18 @@ class Driver:
             self.history = load_history(opts.history)
         self.pred_version = 0                  # predictor version last pushed to the replicas
         self.pred_refs: list = []              # set_predictions calls in flight
+        self.route_refs: list = []             # route calls in flight
+        self.sent = 0                          # self.requests[:sent] were handed to a controller
+        self.controller_pid: int | None = None
+        self.controller_gen = 0
+        self.controller_failures: list[str] = []
+        self.max_controller_restarts = MAX_CONTROLLER_RESTARTS
+        self.ping_ref = None                   # the controller's heartbeat in flight
+        self.ping_sent = 0.0
+        self.next_ping = 0.0
+        self.ctrl_counts: tuple[int, dict] = (0, {})   # the live controller's moves, messages (last ping)
+        self.ctrl_carry: Counter = Counter()           # ... of the controllers lost before it
+        self.ctrl_carry_moves = 0
 
     @property
     def done(self) -> int:
@@ -113,6 +138,7 @@ class Driver:
 
         if self.scheduler is not None:
             return self.scheduler
+        from ..policies import plan_bands
         from ..policies.predict import make_predictor
 
         plan = None
@@ -128,9 +154,10 @@ class Driver:
                 name=f"hybrid-ray-{self.run_id}-planner", num_cpus=0, max_restarts=0).remote()
             ref = self.planner.plan.remote(self.cluster, batch, predicted_output=predicted,
                                            method=self.opts.plan_method, time_limit_s=self.opts.plan_time_limit_s,
-                                           workers=self.opts.plan_workers, seed=seed)
+                                           deterministic_time=self.opts.plan_deterministic_time,
+                                           workers=self.opts.plan_workers, seed=seed, bands=plan_bands(self.opts.policy, predictor))
             self.msgs["plan"] += 1
-            ready, _ = ray.wait([ref], timeout=self.opts.plan_time_limit_s + self.opts.startup_timeout_s)
+            ready, _ = ray.wait([ref], timeout=self._plan_wait_s())
             if not ready:
                 raise RuntimeSetupError("the planner actor did not answer in time (is the cluster out of CPUs?)")
             plan = ray.get(ref)
@@ -140,11 +167,22 @@ class Driver:
         return build_scheduler(self.opts.policy, self.cluster, self.requests, plan=plan, lengths=self.opts.lengths,
                                seed=seed, predictor=predictor)
 
+    def _plan_wait_s(self) -> float:
+        """How long to wait for the planner actor: its wall limit, or (a deterministic budget alone)
+        a generous multiple of the budget's units, about a second each on a free core; plus start-up."""
+        import math
+
+        from ..planner.binpack import deterministic_budget
+
+        limit = self.opts.plan_time_limit_s
+        if not math.isfinite(limit):
+            limit = 10.0 * deterministic_budget(limit, self.opts.plan_deterministic_time) + 30.0
+        return limit + self.opts.startup_timeout_s
+
     def _create_actors(self, per_replica: dict[str, dict[str, float]]) -> None:
         import ray
 
         from . import remote_class
-        from .controller import ControllerActor
         from .replica import ReplicaActor
 
         sch = self.scheduler
@@ -172,11 +210,35 @@ class Driver:
                 f"({describe_resources(ray.available_resources())} free)")
         ray.get(ready)                     # surfaces constructor errors
         self.live = set(range(len(self.handles)))
-        self.controller = remote_class(ControllerActor).options(
-            name=f"hybrid-ray-{self.run_id}-controller", num_cpus=0, max_restarts=0, max_concurrency=1000,
-        ).remote(self.cluster, sch.router, sch.controller, self.handles, ts, dispatcher=sch.dispatcher)
-        ray.get(self.controller.ready.remote(), timeout=self.opts.startup_timeout_s)
+        self.controller = self._new_controller(0)
+
+    def _new_controller(self, gen: int):
+        """A ControllerActor of generation ``gen`` with fresh copies of the scheduler's router,
+        controller and dispatcher; returns its handle once it answers."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        from . import remote_class
+        from .controller import ControllerActor
+
+        sch = self.scheduler
+        suffix = f"-{gen}" if gen else ""
+        h = remote_class(ControllerActor).options(
+            name=f"hybrid-ray-{self.run_id}-controller{suffix}", num_cpus=0, max_restarts=0, max_concurrency=1000,
+        ).remote(self.cluster, sch.router, sch.controller, self.handles, self.cluster.time_scale,
+                 dispatcher=sch.dispatcher, generation=gen)
         self.msgs["ready"] += 1
+        try:
+            self.controller_pid = ray.get(h.ready.remote(), timeout=self.opts.startup_timeout_s)
+        except (GetTimeoutError, RayActorError) as e:
+            if not gen:
+                raise RuntimeSetupError(f"the controller actor did not start within "
+                                        f"{self.opts.startup_timeout_s:.0f} s ({type(e).__name__})") from None
+            self.controller_failures.append(f"replacement did not start ({type(e).__name__})")
+            raise self._controller_lost() from None
+        self.ctrl_counts = (0, {})
+        self.ping_ref, self.next_ping = None, 0.0
+        return h
 
     # -- run ----------------------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -185,11 +247,14 @@ class Driver:
         t_wall0 = time.perf_counter()
         self.run_id = uuid.uuid4().hex[:8]
         per_replica = group_resources(self.cluster, self.opts.cpus_per_replica)
+        if will_start_local(self.opts.address):      # fail before starting a Ray the machine cannot hold
+            check_local_capacity(self.cluster, per_replica, os.cpu_count() or 1,
+                                 real_engine=self.opts.engine not in (None, "emulated"))
         owns = connect_ray(self.opts.address, local_cpus(self.cluster, per_replica), self.opts.connect_timeout_s)
         progress = Progress(self.total, self.opts.progress)
         try:
             check_resources(self.cluster.groups, per_replica, ray.cluster_resources(),
-                            [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+                            [n["Resources"] for n in ray.nodes() if n.get("Alive")], source=self.cluster.source)
             self.scheduler = self._make_scheduler()
             if self.opts.output:
                 self.writer = (self.opts.output_format or PLAIN).writer(self.opts.output, append=True)
@@ -202,7 +267,7 @@ class Driver:
                 self.writer.close()
             self._kill_all()
             if owns:
-                ray.shutdown()
+                shutdown_ray()
         return self._result(states, cstats, time.perf_counter() - t_wall0, run_wall)
 
     def _loop(self, progress: Progress) -> float:
@@ -211,25 +276,27 @@ class Driver:
 
         from .clock import ModelClock
 
-        sch, ctrl, reqs, opts = self.scheduler, self.controller, self.requests, self.opts
+        sch, reqs, opts = self.scheduler, self.requests, self.opts
         n = len(reqs)
         k = 0
         while k < n and reqs[k].arrival_s == self.t_first:
             k += 1
         if k:
-            self._controller_call(lambda: self._await(ctrl.route.remote([sch.make_sequence(q) for q in reqs[:k]]),
-                                                      "route the first batch"))
+            self.sent = k
+            self._ctrl_get(self.controller.route.remote([sch.make_sequence(q) for q in reqs[:k]]),
+                           "route the first batch")
             self.msgs["route"] += 1
-        self.epoch = time.time() + 0.05            # the start reaches every actor before the clock runs
-        clock = ModelClock(self.epoch, self.t_first, self.cluster.time_scale)
-        starts = [h.start.remote(self.epoch, self.t_first, ctrl) for h in self.handles]
-        starts.append(ctrl.start.remote(self.epoch, self.t_first))
-        self.msgs["start"] += len(starts)
+        epoch = time.time() + 0.05                 # the start reaches every actor before the clock runs
+        clock = ModelClock(epoch, self.t_first, self.cluster.time_scale)
+        ctrl = self.controller
+        starts = [h.start.remote(epoch, self.t_first, ctrl) for h in self.handles]
+        self.msgs["start"] += len(starts) + 1
+        self.epoch = epoch                         # from now on a replacement controller starts on this clock
+        self._ctrl_get(ctrl.start.remote(epoch, self.t_first), "start the controller")
         self._await_all(starts, "start the actors")
         poll_ref: dict[int, Any] = {}
         poll_sent: dict[int, float] = {}
         next_poll = [0.0] * len(self.handles)
-        route_refs: list = []
         tick = 0.05
         next_dispatch = 0.0
         lead = opts.dispatch_lead_s
@@ -240,7 +307,8 @@ class Driver:
                 while j < n and clock.real_at(reqs[j].arrival_s) <= now + lead:
                     j += 1
                 if j > k:
-                    route_refs.append(ctrl.route.remote([sch.make_sequence(q) for q in reqs[k:j]]))
+                    self.sent = j
+                    self.route_refs.append(self.controller.route.remote([sch.make_sequence(q) for q in reqs[k:j]]))
                     self.msgs["route"] += 1
                     k = j
                     next_dispatch = now + opts.dispatch_gap_s
@@ -249,7 +317,10 @@ class Driver:
                     poll_ref[i] = self.handles[i].poll.remote(opts.poll_wait_s)
                     poll_sent[i] = now
                     self.msgs["poll"] += 1
-            refs = list(poll_ref.values()) + route_refs + self.pred_refs
+            self._check_controller(now)
+            refs = list(poll_ref.values()) + self.route_refs + self.pred_refs
+            if self.ping_ref is not None:
+                refs.append(self.ping_ref)
             timeout = tick
             if k < n:
                 due = max(next_dispatch, clock.real_at(reqs[k].arrival_s) - lead)
@@ -262,13 +333,15 @@ class Driver:
                 time.sleep(timeout)
                 ready = []
             ready_set = set(ready)
-            for r in [r for r in route_refs if r in ready_set]:
-                route_refs.remove(r)
-                self._controller_call(lambda: ray.get(r))   # other controller failures are fatal
+            for r in [r for r in self.route_refs if r in ready_set]:
+                if r in self.route_refs:               # a controller replacement drops the rest
+                    self.route_refs.remove(r)
+                    self._ctrl_get(r, "route requests")
             for r in [r for r in self.pred_refs if r in ready_set]:
-                self.pred_refs.remove(r)
-                ray.get(r)
-                self._push_predictions()               # a version that moved meanwhile
+                if r in self.pred_refs:
+                    self.pred_refs.remove(r)
+                    if self._ctrl_get(r, "push predictions")[0]:
+                        self._push_predictions()       # a version that moved meanwhile
             now = time.time()
             for i, ref in list(poll_ref.items()):
                 if ref in ready_set:
@@ -283,6 +356,8 @@ class Driver:
                     next_poll[i] = now + opts.min_poll_gap_s
                     if res.completions:
                         self._on_completions(res.completions)
+                elif i not in self.live:
+                    del poll_ref[i]                    # failed meanwhile (seen by a controller replacement)
                 elif now - poll_sent[i] > opts.poll_wait_s + opts.heartbeat_timeout_s:
                     del poll_ref[i]
                     self._fail(i, f"no answer for {opts.heartbeat_timeout_s:.0f} s")
@@ -290,10 +365,10 @@ class Driver:
                             self._queues())
         progress.update(self.done, self.tokens, max(self.last_finish - self.t_first, 0.0), time.time() - self.epoch,
                         self._queues(), force=True)
-        for r in route_refs:
+        for r in self.route_refs:
             try:
                 ray.get(r, timeout=self.opts.heartbeat_timeout_s)
-            except GetTimeoutError:
+            except (GetTimeoutError, RayActorError):
                 pass
         return time.time() - self.epoch
 
@@ -329,10 +404,22 @@ class Driver:
 
     def _fail(self, i: int, reason: str) -> None:
         """Declare replica i failed; recompute its unfinished requests on the survivors."""
-        import ray
-
         if i not in self.live:
             return
+        self._mark_failed(i, reason)
+        if not self.live:
+            raise self._all_lost()
+        ok, ids = self._ctrl_get(self.controller.replica_failed.remote(i), "book the failed replica")
+        self.msgs["replica_failed"] += 1
+        if not ok:
+            return                       # the controller was replaced: its rebuild requeued replica i's work
+        lost = [rid for rid in ids if rid not in self.completed]
+        if lost:
+            self._requeue(lost)
+
+    def _mark_failed(self, i: int, reason: str) -> None:
+        import ray
+
         self.live.discard(i)
         name = self.names[i]
         self.failed.append(name)
@@ -342,43 +429,150 @@ class Driver:
             ray.kill(self.handles[i], no_restart=True)   # fence: it must not finish anything late
         except Exception:                                 # noqa: BLE001 -- already gone
             pass
-        if not self.live:
-            raise self._all_lost()
-        ids = self._await(self.controller.replica_failed.remote(i), "book the failed replica")
-        self.msgs["replica_failed"] += 1
-        lost = [rid for rid in ids if rid not in self.completed]
-        if lost:
-            seqs = [self.scheduler.make_sequence(self.by_id[rid]) for rid in lost]
-            self._controller_call(lambda: self._await(self.controller.requeue.remote(seqs),
-                                                      "requeue the failed replica's requests"))
-            self.msgs["requeue"] += 1
-            self.requeued += len(lost)
 
-    def _controller_call(self, call: Callable[[], Any]) -> Any:
-        """Run a controller call; if it found every replica dead, the run is lost."""
+    def _requeue(self, ids: list[str]) -> None:
+        """Recompute requests from their prompts on the live replicas (through the controller's router)."""
+        seqs = [self.scheduler.make_sequence(self.by_id[rid]) for rid in ids]
+        self.msgs["requeue"] += 1
+        self.requeued += len(ids)
+        self._ctrl_get(self.controller.requeue.remote(seqs), "requeue requests")
+
+    # -- the controller: heartbeat, calls, replacement ------------------------------------------------
+    def _check_controller(self, now: float) -> bool:
+        """The controller's heartbeat: one ``ping`` in flight. Returns True if it had to be replaced
+        (the ping failed: died; or stayed unanswered past the heartbeat timeout: hung)."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        opts = self.opts
+        if self.ping_ref is None:
+            if now >= self.next_ping:
+                self.ping_ref, self.ping_sent = self.controller.ping.remote(), now
+                self.msgs["ping"] += 1
+            return False
+        ready, _ = ray.wait([self.ping_ref], timeout=0)
+        if ready:
+            ref, self.ping_ref = self.ping_ref, None
+            self.next_ping = now + opts.poll_wait_s
+            try:
+                self.ctrl_counts = ray.get(ref)
+            except RayActorError as e:
+                self._replace_controller(f"actor died ({type(e).__name__})")
+                return True
+            return False
+        if now - self.ping_sent > opts.poll_wait_s + opts.heartbeat_timeout_s:
+            self._replace_controller(f"no answer for {opts.heartbeat_timeout_s:g} s")
+            return True
+        return False
+
+    def _ctrl_get(self, ref, what: str) -> tuple[bool, Any]:
+        """Wait for a controller call while watching the controller's heartbeat: (True, its value), or
+        (False, None) if the controller died or hung meanwhile and was replaced (the replacement
+        re-placed whatever the call was about). A call that found every replica dead loses the run."""
+        import ray
+        from ray.exceptions import RayActorError
+
         from .controller import NoLiveReplicaError
 
-        try:
-            return call()
-        except NoLiveReplicaError:
-            for i in sorted(self.live):
-                self.live.discard(i)
-                self.failed.append(self.names[i])
-                self.failure_reasons[self.names[i]] = "unreachable from the controller"
-            raise self._all_lost() from None
+        while True:
+            ready, _ = ray.wait([ref], timeout=0.05)
+            if ready:
+                try:
+                    return True, ray.get(ref)
+                except NoLiveReplicaError:
+                    for i in sorted(self.live):
+                        self._mark_failed(i, "unreachable from the controller")
+                    raise self._all_lost() from None
+                except RayActorError as e:
+                    self._replace_controller(f"actor died ({type(e).__name__}) trying to {what}")
+                    return False, None
+            if self._check_controller(time.time()):
+                return False, None
 
-    def _all_lost(self) -> ReplicasLostError:
+    def _replace_controller(self, reason: str) -> None:
+        """Kill a dead or hung controller and carry on with a new one (docstring of this module)."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        self.controller_failures.append(reason)
+        log.warning("controller actor failed (%s); starting a new one (restart %d of at most %d)", reason,
+                    len(self.controller_failures), self.max_controller_restarts)
+        moves, msgs = self.ctrl_counts             # its last heartbeat's counts
+        self.ctrl_carry_moves += moves
+        self.ctrl_carry.update(msgs)
+        try:
+            ray.kill(self.controller, no_restart=True)
+        except Exception:                           # noqa: BLE001 -- already gone
+            pass
+        self.route_refs.clear()                     # answers from the old controller are moot
+        self.pred_refs.clear()
+        self.ping_ref = None
+        if len(self.controller_failures) > self.max_controller_restarts:
+            raise self._controller_lost()
+        self.controller_gen += 1
+        gen = self.controller_gen
+        self.controller = self._new_controller(gen)
+        # every live replica obeys the new generation from now on and says what it holds
+        live = sorted(self.live)
+        refs = {i: self.handles[i].set_controller.remote(self.controller, gen) for i in live}
+        self.msgs["set_controller"] += len(refs)
+        if refs:
+            ray.wait(list(refs.values()), num_returns=len(refs),
+                     timeout=self.opts.poll_wait_s + self.opts.heartbeat_timeout_s)
+        held: dict[int, tuple[LoadReport, list[str]]] = {}
+        for i, ref in refs.items():
+            try:
+                held[i] = ray.get(ref, timeout=0)
+            except RayActorError as e:
+                self._mark_failed(i, f"actor died ({type(e).__name__})")
+            except Exception:                       # noqa: BLE001 -- GetTimeoutError: hung
+                self._mark_failed(i, f"no answer for {self.opts.heartbeat_timeout_s:g} s")
+        if not self.live:
+            raise self._all_lost()
+        everywhere = {rid for _, ids in held.values() for rid in ids}
+        books = {i: (rep, [rid for rid in ids if rid not in self.completed]) for i, (rep, ids) in held.items()}
+        dead = [i for i in range(len(self.handles)) if i not in self.live]
+        ok, _ = self._ctrl_get(self.controller.rebuild.remote(books, dead, self.epoch or None, self.t_first,
+                                                               self.sent),
+                               "rebuild the controller")
+        self.msgs["rebuild"] += 1
+        if not ok:
+            return                                  # replaced again meanwhile: that replacement did the rest
+        lost = [q.id for q in self.requests[:self.sent] if q.id not in self.completed and q.id not in everywhere]
+        if lost:
+            self._requeue(lost)
+        self.pred_version = 0                       # the new controller gets the newest length predictions
+        self._push_predictions()
+
+    def _controller_lost(self) -> ControllerLostError:
+        path = self._write_unfinished()
+        reasons = "; ".join(self.controller_failures)
+        n = len(self.controller_failures)
+        return ControllerLostError(
+            f"the controller actor failed {n} {'time' if n == 1 else 'times'} ({reasons}), more than the "
+            f"{self.max_controller_restarts} restarts allowed; {self.total - self.done} of {self.total} requests "
+            f"unfinished, their ids are in {path}; {self._resume_hint()}")
+
+    def _resume_hint(self) -> str:
+        out = self.opts.output
+        return (f"the {self.done} finished requests are in {out}: rerun with --resume {out}" if out
+                else "rerun with --output FILE to keep finished requests across failures")
+
+    def _write_unfinished(self) -> str:
         unfinished = [q.id for q in self.requests if q.id not in self.completed]
         path = self.unfinished_path
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text("".join(f"{rid}\n" for rid in unfinished))
+        return path
+
+    def _all_lost(self) -> ReplicasLostError:
+        unfinished = [q.id for q in self.requests if q.id not in self.completed]
+        path = self._write_unfinished()
         shown = ", ".join(unfinished[:20]) + (f" ... (+{len(unfinished) - 20} more)" if len(unfinished) > 20 else "")
         reasons = "; ".join(f"{n}: {self.failure_reasons[n]}" for n in self.failed)
-        how = (f"the {self.done} finished requests are in {self.opts.output}: rerun with --resume {self.opts.output}"
-               if self.opts.output else "rerun with --output FILE to keep finished requests across failures")
         return ReplicasLostError(
             f"all {len(self.handles)} replicas failed ({reasons}); {len(unfinished)} of {self.total} requests "
-            f"unfinished: {shown}; their ids are in {path}; {how}", unfinished, path)
+            f"unfinished: {shown}; their ids are in {path}; {self._resume_hint()}", unfinished, path)
 
     def _queues(self) -> list[str]:
         out = []
@@ -410,9 +604,28 @@ class Driver:
                 except Exception:                     # noqa: BLE001 -- died at the very end: no timeline
                     st = None
             states.append(st if st is not None else ReplicaState(spec))
-        cstats = ray.get(self.controller.stop.remote(), timeout=self.opts.startup_timeout_s)
-        self.msgs["stop"] += 1
+        cstats = self._controller_stats()
         return states, cstats
+
+    def _controller_stats(self):
+        """The controller's statistics plus the moves and messages of those it replaced. Every request
+        has finished by now: a controller that died or hangs at this point costs only its statistics."""
+        import ray
+
+        from .controller import ControllerStats
+
+        self.msgs["stop"] += 1
+        try:
+            cstats = ray.get(self.controller.stop.remote(),
+                             timeout=self.opts.poll_wait_s + self.opts.heartbeat_timeout_s)
+        except Exception as e:                        # noqa: BLE001 -- died or hung at the very end
+            log.warning("controller actor failed after the last request finished (%s): its statistics are lost",
+                        type(e).__name__)
+            moves, msgs = self.ctrl_counts
+            cstats = ControllerStats(messages=dict(msgs), moves=moves)
+        cstats.moves += self.ctrl_carry_moves
+        cstats.messages = dict(Counter(cstats.messages) + self.ctrl_carry)
+        return cstats
 
     def _kill_all(self) -> None:
         import ray
@@ -456,7 +669,8 @@ class Driver:
             messages=dict(messages), messages_per_request=total_msgs / max(self.total, 1),
             max_lag_s=max(self.behind, default=0.0), late_adds=late, late_mean_s=late_sum / late if late else 0.0,
             late_max_s=max((st.late_max_s for st in self.replica_stats), default=0.0), skipped=self.skipped, duplicates_ignored=self.duplicates,
-            plan=self.plan, output=self.opts.output, engine=engine_label(self.opts))
+            plan=self.plan, output=self.opts.output, engine=engine_label(self.opts),
+            controller_failures=list(self.controller_failures))
 
     # -- helpers ------------------------------------------------------------------------------------
     def _await(self, ref, what: str):

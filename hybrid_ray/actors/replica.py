@@ -27,6 +27,12 @@ push carries ``tag``: the controller's number of the last ``add``/``take_back`` 
 applied, so the controller can tell which of its own changes a report already reflects. For a
 pull-based dispatcher (``report_finished``), every iteration that finished requests pushes at
 once, listing them: the dispatcher releases the next block when one completes.
+
+Controller generations. The driver replaces a dead or hung controller (``actors/driver.py``) and
+points every replica at the new one with ``set_controller(handle, gen)``: the replica answers
+with its load and the ids it holds, and from then on ignores ``add`` / ``take_back`` calls of an
+older generation, so a stopped controller that wakes up, or an add still in flight from a dead
+one, cannot place work the new controller does not know about.
 """
 from __future__ import annotations
 
@@ -68,6 +74,7 @@ class ReplicaStats:
     late: int = 0              # ... that reached it after its modelled clock had run past their visible time
     late_sum_s: float = 0.0    # by how much in all (modelled seconds): Ray latency / time_scale
     late_max_s: float = 0.0
+    fenced: int = 0            # sequences refused because an older controller generation sent them
     stopped: bool = False
     errors: list[str] = field(default_factory=list)
 
@@ -91,6 +98,7 @@ class ReplicaActor:
         self.t = 0.0                       # modelled end of the last iteration (or start of the run)
         self.controller = None             # ControllerActor handle, set by start()
         self.tag = 0                       # controller's number of the last add/take_back applied
+        self.gen = 0                       # controller generation obeyed (older ones are fenced off)
         self.stats = ReplicaStats(spec.name)
         self._arriving: list[tuple[float, int, Sequence]] = []   # (visible at, order, seq), sorted
         self._order = itertools.count()
@@ -112,7 +120,8 @@ class ReplicaActor:
         """Start the iteration loop at real time ``epoch`` (modelled ``t_first``)."""
         self.clock = ModelClock(epoch, t_first, self.engine.time_scale)
         self.t = t_first
-        self.controller = controller
+        if self.controller is None:        # a replacement controller may already have been set
+            self.controller = controller
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -132,12 +141,16 @@ class ReplicaActor:
         return out
 
     # -- work in and out ------------------------------------------------------------------------
-    async def add(self, seqs: list[Sequence], tag: int = 0, at: float | None = None) -> int:
+    async def add(self, seqs: list[Sequence], tag: int = 0, at: float | None = None, gen: int = 0) -> int:
         """Queue sequences (routed or moved here); returns how many are queued or arriving.
 
         ``at``: modelled time of the decision, before which the policy must not see them;
         None = now on the run's clock. Arrivals pass -inf: their own arrival times bound it.
+        ``gen``: the sending controller's generation; an older one's add is refused (-1).
         """
+        if gen < self.gen:
+            self.stats.fenced += len(seqs)
+            return -1
         if at is None:
             at = self.clock.now() if self.clock is not None else self.t
         ref = self._started if self.state.current is not None else self.t   # where the model already is
@@ -155,11 +168,14 @@ class ReplicaActor:
         self._wake.set()
         return len(self.state.waiting) + len(self._arriving)
 
-    async def take_back(self, count: int, tag: int = 0) -> list[Sequence]:
+    async def take_back(self, count: int, tag: int = 0, gen: int = 0) -> list[Sequence]:
         """Remove up to ``count`` sequences that never started (for the controller's moves).
 
         Not yet visible ones first (the newest), then the queue's, newest first as the simulator's.
+        An older controller generation's call takes nothing.
         """
+        if gen < self.gen:
+            return []
         self.tag = max(self.tag, tag)
         self.stats.take_backs += 1
         out: list[Sequence] = []
@@ -200,6 +216,22 @@ class ReplicaActor:
                 if rekey is not None:
                     s.sort_key = rekey(s)
         return self.report(), self.tag
+
+    async def set_controller(self, controller, gen: int) -> tuple[LoadReport, list[str]]:
+        """Obey a replacement controller of generation ``gen`` from now on (older ones are fenced off).
+
+        Returns the load now and every id this replica holds: queued, arriving, running, and
+        finished (whether or not the driver has polled them yet), so the driver can tell which
+        requests were lost with the old controller (sent to it, held nowhere, not finished).
+        """
+        if gen >= self.gen:
+            self.gen = gen
+            self.controller = controller
+            self.tag = 0                   # the new controller numbers its adds from 1 again
+        state = self.state
+        held = [s.id for s in state.waiting] + list(state.running) + list(state.prefilling)
+        held += [s.id for _, _, s in self._arriving] + [s.id for s in state.finished]
+        return self.report(), held
 
     def report(self) -> LoadReport:
         """The state's load report, counting sequences not yet visible as queued."""

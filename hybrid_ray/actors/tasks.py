@@ -12,7 +12,7 @@ def map_tasks(fn: Callable[..., Any], arg_tuples: Iterable[tuple], address: str 
               progress: Callable[[int, int], None] | None = None, num_cpus_per_task: float = 1.0) -> list:
     import ray
 
-    from .session import connect_ray
+    from .session import connect_ray, shutdown_ray
 
     started = connect_ray(address)
     try:
@@ -30,4 +30,4 @@ def map_tasks(fn: Callable[..., Any], arg_tuples: Iterable[tuple], address: str 
         return results
     finally:
         if started:
-            ray.shutdown()
+            shutdown_ray()

@@ -24,13 +24,14 @@ POLICIES = ("baseline", "chunked", "raydata", "lpt-engine", "offline", "hybrid")
 
 
 def run_paper(config: str = "paper_llama65b", workload: str = "gsm8k", out_dir: str | None = "results",
-              policies: tuple[str, ...] = POLICIES, progress=print) -> dict:
+              policies: tuple[str, ...] = POLICIES, progress=print, plan_opts: dict | None = None) -> dict:
+    """``plan_opts``: planner options for build_scheduler (bench docs: a deterministic budget)."""
     t0 = time.perf_counter()
     cluster, requests = load_inputs(config, workload)
     lb = lower_bound(cluster, requests).value_s
     rows = {}
     for p in policies:
-        s = summarize(simulate(cluster, build_scheduler(p, cluster, requests), requests), lb)
+        s = summarize(simulate(cluster, build_scheduler(p, cluster, requests, **(plan_opts or {})), requests), lb)
         rows[p] = {"makespan_s": s.makespan_s, "utilization_busy": s.utilization_busy,
                    "utilization_slots": s.utilization_slots, "gap": s.gap, "ttft_p99_s": s.ttft_p99_s}
     base = rows["baseline"]["makespan_s"]

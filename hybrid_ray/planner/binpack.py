@@ -122,13 +122,15 @@ Status: ``OPTIMAL`` = proven optimal (exact-mode CP-SAT proof as above, or makes
 lower_bound * (1 + 1e-9)); ``FEASIBLE`` = CP-SAT ran and found a solution, optimality not proven;
 ``HEURISTIC`` = heuristic result with no solver involvement (or the solver found nothing).
 
+Time: ``time_limit_s`` is wall-clock seconds for the whole call (heuristics and model building
+included; CP-SAT's ``max_time_in_seconds`` gets what is left), ``math.inf`` for none.
 Determinism: heuristics, model building and expansion are deterministic (stable sorts, index
 tie-breaks). CP-SAT runs with ``interleave_search`` (its workers' trajectories do not depend on
-thread timing), ``random_seed = seed`` and a deterministic-time budget of
-DET_TIME_PER_SECOND * time_limit_s, so a solve that ends by proof, gap limit or that budget is
-repeatable. ``max_time_in_seconds = 3 * time_limit_s + 1`` is a hard safety net: if the wall clock fires
-first (slow or loaded machine; interleaved batches overshoot the deterministic budget) the
-solution may differ between runs, though it is never worse than the warm start.
+thread timing), ``random_seed = seed`` and a deterministic-time budget (``max_deterministic_time``:
+``deterministic_time``, default DET_TIME_PER_SECOND * time_limit_s), so a solve that ends by proof,
+gap limit or that budget is repeatable. On a loaded machine the wall clock may fire first and the
+solution may then differ between runs (never worse than the warm start): for a reproducible plan,
+give ``deterministic_time`` and ``time_limit_s=math.inf`` (``--deterministic-time`` on the CLI).
 """
 from __future__ import annotations
 
@@ -164,7 +166,8 @@ SYMMETRY_BREAKING = "largest"  # "largest" | "loads" | "none" (see module docstr
 # our measurements; budgeting 0.4 unit per second of ``time_limit_s`` lets the deterministic
 # limit, not the wall clock, end the search on ordinary hardware, which keeps results repeatable.
 DET_TIME_PER_SECOND = 0.4
-WALL_BACKSTOP_FACTOR = 3.0  # max_time_in_seconds = 3 * time_limit_s + 1: a backstop, not the limit
+DEFAULT_DETERMINISTIC_TIME = DET_TIME_PER_SECOND * 5.0  # the budget when there is no wall limit either
+MIN_SOLVE_S = 0.01  # less wall time than this left after the heuristics: CP-SAT is not started
 EXACT_REL_GAP = 1e-4  # exact mode stops within 0.01 % of its bound (a plan needs no more; FEASIBLE unless closed)
 MULTIFIT_MAX_JOBS = 5_000  # pack(): run multifit only up to this many jobs (O(iter * n log m))
 KK_MAX_CELLS = 200_000  # pack(): run KK only while n * m stays below this (O(n m log m))
@@ -640,9 +643,12 @@ def pack_cpsat(
     workers: int = 2,
     seed: int = 0,
     hint: np.ndarray | None = None,
+    deterministic_time: float | None = None,
 ) -> PackResult:
     """Solve the MIP of the module docstring with CP-SAT, warm-started from ``hint`` (or LPT).
 
+    ``time_limit_s``: wall-clock seconds, model building included (``math.inf``: none);
+    ``deterministic_time``: CP-SAT's deterministic budget (default DET_TIME_PER_SECOND * time_limit_s).
     Falls back to LPT with status HEURISTIC if CP-SAT returns no solution in time.
     """
     from ortools.sat.python import cp_model  # deferred: keeps heuristics importable without it
@@ -712,11 +718,12 @@ def pack_cpsat(
 
     solver = cp_model.CpSolver()
     prm = solver.parameters
-    limit = max(0.05, float(time_limit_s))
-    # The deterministic budget ends the search (repeatable results); the wall clock is only a
-    # backstop for a machine so loaded that the deterministic clock crawls.
-    prm.max_time_in_seconds = WALL_BACKSTOP_FACTOR * limit + 1.0
-    prm.max_deterministic_time = DET_TIME_PER_SECOND * limit
+    # The deterministic budget ends the search repeatably on a machine with time to spare; the wall
+    # clock (what is left of time_limit_s after building the model) is the limit the user asked for.
+    remaining = float(time_limit_s) - (time.perf_counter() - t0)
+    if math.isfinite(remaining):
+        prm.max_time_in_seconds = max(MIN_SOLVE_S, remaining)
+    prm.max_deterministic_time = deterministic_budget(time_limit_s, deterministic_time)
     prm.num_workers = max(1, int(workers))
     prm.random_seed = int(seed)
     prm.interleave_search = True
@@ -762,6 +769,17 @@ def pack_cpsat(
 _HEURISTICS = {"lpt": pack_lpt, "multifit": pack_multifit, "kk": pack_kk}
 
 
+def deterministic_budget(time_limit_s: float, deterministic_time: float | None = None) -> float:
+    """CP-SAT's deterministic-time budget: the one given, else DET_TIME_PER_SECOND x the wall limit."""
+    if deterministic_time is not None:
+        if not (deterministic_time > 0 and math.isfinite(deterministic_time)):
+            raise ValueError(f"deterministic_time must be a finite number > 0, got {deterministic_time!r}")
+        return float(deterministic_time)
+    if not time_limit_s > 0:
+        raise ValueError(f"time_limit_s must be > 0 (or math.inf), got {time_limit_s!r}")
+    return DET_TIME_PER_SECOND * time_limit_s if math.isfinite(time_limit_s) else DEFAULT_DETERMINISTIC_TIME
+
+
 def pack(
     work: np.ndarray,
     speeds: np.ndarray,
@@ -769,12 +787,14 @@ def pack(
     time_limit_s: float = 5.0,
     workers: int = 2,
     seed: int = 0,
+    deterministic_time: float | None = None,
 ) -> PackResult:
     """Pack jobs onto machines with ``method``; "cpsat" = best of heuristics and CP-SAT.
 
     With "cpsat", LPT always runs, multifit when n <= MULTIFIT_MAX_JOBS and KK when
     n * m <= KK_MAX_CELLS (identical machines); the best warm-starts CP-SAT, which gets what is
-    left of ``time_limit_s``. If a heuristic already meets the lower bound, CP-SAT is skipped.
+    left of ``time_limit_s`` (wall seconds; none left: the best heuristic, HEURISTIC) within its
+    ``deterministic_time`` budget. If a heuristic already meets the lower bound, CP-SAT is skipped.
     The lower bound returned is the best of all bounds; CP-SAT's assignment is returned only
     if it is strictly better than its warm start (so ``method`` names who actually found it).
     """
@@ -799,9 +819,13 @@ def pack(
         # already within the gap CP-SAT would be asked to close: solving cannot pay off
         return PackResult(best_h.assignment, best_h.makespan, lb, "FEASIBLE", best_h.method,
                           time.perf_counter() - t0)
-    remaining = max(0.05, float(time_limit_s) - (time.perf_counter() - t0))
+    budget = deterministic_budget(time_limit_s, deterministic_time)   # of the whole call, not of what is left
+    remaining = float(time_limit_s) - (time.perf_counter() - t0)
+    if remaining < MIN_SOLVE_S:
+        return PackResult(best_h.assignment, best_h.makespan, lb, "HEURISTIC", best_h.method,
+                          time.perf_counter() - t0)
     cp = pack_cpsat(w, s, time_limit_s=remaining, workers=workers, seed=seed,
-                    hint=best_h.assignment)
+                    hint=best_h.assignment, deterministic_time=budget)
     lb = max(lb, cp.lower_bound)
     solver_ran = cp.method == "cpsat"
     # CP-SAT must strictly improve on its warm start to be credited with the assignment.

@@ -1,36 +1,60 @@
-"""A theoretical lower bound on the total inference time that *no* policy can beat.
+"""A theoretical lower bound on the total inference time that *no* schedule can beat.
 
-Two families of bounds, both derived from the cost model (docs/scheduling.md has the proofs):
+Valid for every schedule ``ReplicaState`` accepts, preemptions and recompute included; the
+proofs are in docs/scheduling.md section 2. The argument is per iteration. With
 
-* **chain**: request r cannot finish before its own prefill and its ``O_r - 1`` decode steps,
-  each at least a decode of a batch of one holding r's context::
+    m   = min(decode.base, max(prefill.floor, prefill.base))   (no iteration is cheaper)
+    rho = prefill.per_token                                    if m <= prefill.base
+          prefill.per_token * (M - m) / (M - prefill.base)     else,  M = max(floor, prefill.base)
 
-      chain_r = min_g [ prefill_g([P_r]) + sum_{k=1}^{O_r-1} decode_g(1, P_r + k) ]
+every iteration costs at least both of
 
-  and with arrivals, the end is at least ``arrival_r + chain_r``.
+    lin_dec + rho * C + max(m, [prefill.base + per_token * a + per_token_sq * A])
+    lin_dec + rho * (C + a) + per_token_sq * A + m
 
-* **work**: every iteration costs at least ``lin + max(X, Y)`` where ``lin`` is the decode's
-  per-sequence and per-context part, ``X = base * b / B`` (the weight-streaming part a decode
-  step of b <= B sequences shares out) and ``Y`` the prefill tokens' part
-  (``prefill.base/B + per_token*L + per_token_sq*L^2`` per prompt; a mixed iteration costs
-  at least ``max(decode, prefill + lin)``). Summing per request and over replicas::
+where ``lin_dec`` is the per-sequence and per-context part of its decode tokens, ``C`` its
+recompute tokens (prompt + generated again after a preemption), ``a`` and ``A`` its first-prefill
+tokens and attention work (the bracket only when it has some): a prefill of T tokens costs at
+least ``max(M, prefill.base + per_token * T)``, which is at least ``m + rho * T``. A token of request r at context
+``c`` costs the replica at least ``min(per_seq + per_ctx * c, rho * c)`` (``lin'`` below): a
+decode token the first, a recompute the second. Three families follow, the bound is their
+maximum:
 
-      R * T >= max( sum_r min_g (lin_rg + X_rg),  sum_r min_g (lin_rg + Y_rg) )
+* **chain**: request r cannot finish before its prefill and its ``O_r - 1`` later tokens, each at
+  least a step of a batch of one at its context (a decode step, or a recompute prefill alone),
+  on the fastest group; with arrivals, not before ``arrival_r + chain_r``.
+* **work**: each of ``R`` replicas runs at most ``B`` sequences and ``K`` KV tokens per iteration,
+  and each sequence needs ``O_r`` iterations (its first prefill's last one included), so::
 
-  The batch limit enters through ``base / B``: a replica cannot advance more than B sequences
-  per step. With arrivals, the requests arriving at or after t need ``t + their work / R``.
+      R * T >= sum_r min_g [lin'_rg + (m_g O_r / B_g  or  m_g KV_r / K_g) + pre_rg]   and
+      R * T >= sum_r min_g [lin'_rg + y_rg]
 
-The bound is the maximum of the two. It ignores the prefill floor and every tail effect, so a
-policy's gap to it is an upper bound on how far it is from optimal.
+  with ``KV_r = O_r P_r + O_r (O_r - 1) / 2`` token-iterations and ``y`` the first prefill's
+  linear and quadratic part plus its share of the prefill base, ``pre = rho P + per_token_sq P^2``
+  what a prompt adds on top of the iteration it rides in. With arrivals, the requests
+  arriving at or after t need ``t + their work / R``. With several groups, the cheapest group
+  for every request overstates capacity; a linear program over fractional assignments
+  (OR-Tools GLOP) gives a tighter, still valid, value.
+* **steps**: a replica holding set S runs at least ``max_r O_r`` iterations, so
+  ``T >= lin'(S) + m * max(max O, sum O / B, sum KV / K)`` (and ``>= lin'(S) + y(S)``). Which
+  replica holds the longest requests is unknown: mixing the terms with weights and relaxing to
+  fractional assignments, requests sorted longest first, feasibility of T is a nested (Hall)
+  condition that a greedy decides exactly; a bisection finds the least feasible T.
+
+The value is shrunk by a few ulps so float summation order can never lift it above a makespan.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import ClusterSpec
+from ..config import ClusterSpec, ReplicaGroupSpec
 from ..workload import Request
+
+MAX_PATTERNS = 512           # group orders tried by the steps bound on mixed clusters
+LP_MAX_TYPES = 4000          # distinct (prompt, output) pairs the work LP takes
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +63,74 @@ class LowerBound:
     chain_s: float          # longest single request (with its arrival)
     work_s: float           # total work over total capacity (with arrivals)
     critical_request: str   # id of the request achieving chain_s
+    steps_s: float = 0.0    # iterations of the longest requests on their replicas (batch at t0)
+
+
+@dataclass(frozen=True, slots=True)
+class _Terms:
+    """Per-request lower-bound terms on one group (seconds; ``m`` per iteration)."""
+    lin: np.ndarray         # lin': per-token cost beyond the per-iteration minimum
+    y: np.ndarray           # first prefill: linear + quadratic part + share of the prefill base
+    pre: np.ndarray         # first prefill's part that rides on top of the per-iteration m: rho P + sq P^2
+    pre_full: np.ndarray    # the same at the prefill's own per-token price: per_token P + sq P^2
+    kv: np.ndarray          # KV token-iterations
+    o: np.ndarray           # output tokens: iterations each request needs
+    m: float
+    m_pre: float            # min(prefill base, m): what an iteration costs beyond its tokens at full price
+    batch: float
+    kv_cap: float
+
+
+def iteration_floor(g: ReplicaGroupSpec) -> tuple[float, float]:
+    """(m, rho): no iteration costs less than m; a recompute token at context c at least rho*c."""
+    pc, dc = g.cost_model.prefill, g.cost_model.decode
+    big = max(pc.floor_s, pc.base_s)
+    m = min(dc.base_s, big)
+    rho = pc.per_token_s if m <= pc.base_s else pc.per_token_s * (big - m) / (big - pc.base_s)
+    return m, rho
+
+
+def _terms(g: ReplicaGroupSpec, p: np.ndarray, o: np.ndarray) -> _Terms:
+    pc, dc = g.cost_model.prefill, g.cost_model.decode
+    m, rho = iteration_floor(g)
+    a, b = dc.per_seq_s, dc.per_ctx_token_s
+    steps = np.maximum(o - 1, 0)
+    tot = steps * p + steps * (steps + 1) / 2.0            # contexts P+1 .. P+steps
+    if rho <= b:
+        lin = rho * tot
+    else:                                                  # rho*c is the smaller for c <= a/(rho-b)
+        k = np.floor(a / (rho - b))
+        low = np.clip(k - p, 0, steps)
+        s1 = low * p + low * (low + 1) / 2.0
+        lin = rho * s1 + a * (steps - low) + b * (tot - s1)
+    batch = float(min(g.max_batch_size, g.kv_capacity_tokens))
+    y = pc.per_token_s * p + pc.per_token_sq_s * p * p + pc.base_s / batch
+    kv = o * p + o * (o - 1) / 2.0
+    pre = rho * p + pc.per_token_sq_s * p * p
+    pre_full = pc.per_token_s * p + pc.per_token_sq_s * p * p
+    return _Terms(lin, y, pre, pre_full, kv, o, m, min(pc.base_s, m), batch, float(g.kv_capacity_tokens))
+
+
+def _chain(g: ReplicaGroupSpec, t: _Terms, p: np.ndarray, o: np.ndarray) -> np.ndarray:
+    """Request alone on a replica of g: its prefill (chunks only add floors and bases), then each
+    later token by a decode step of one at its context, or a recompute prefill alone.
+
+    If a recompute prefill of any context costs at least a decode step of one at that context
+    (true when ``M >= decode(1, c1)`` at the context ``c1`` where the prefill leaves its floor, and
+    the prefill's per-token cost is at least the decode's per-context cost), the decode steps
+    are the chain; otherwise each later token costs at least ``m + lin'`` (the per-iteration bound).
+    """
+    pc, dc = g.cost_model.prefill, g.cost_model.decode
+    steps = np.maximum(o - 1, 0)
+    ctx = steps * p + steps * (steps + 1) / 2.0
+    pre = np.maximum(pc.floor_s, pc.base_s + pc.per_token_s * p) + pc.per_token_sq_s * p * p
+    big = max(pc.floor_s, pc.base_s)
+    c1 = (big - pc.base_s) / pc.per_token_s if pc.per_token_s > 0 else np.inf
+    recompute_dearer = (pc.per_token_s >= dc.per_ctx_token_s and np.isfinite(c1)
+                        and big >= dc.base_s + dc.per_seq_s + dc.per_ctx_token_s * c1)
+    if recompute_dearer:
+        return pre + steps * (dc.base_s + dc.per_seq_s) + dc.per_ctx_token_s * ctx
+    return pre + steps * t.m + t.lin
 
 
 def _arrays(requests: list[Request]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -49,32 +141,38 @@ def _arrays(requests: list[Request]) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 
 def lower_bound(cluster: ClusterSpec, requests: list[Request]) -> LowerBound:
-    """Valid lower bound on the makespan (first arrival to last finish) for any policy."""
+    """Valid lower bound on the makespan (first arrival to last finish) for any schedule."""
     if not requests:
         return LowerBound(0.0, 0.0, 0.0, "")
     p, o, a = _arrays(requests)
     a = a - a.min()
-    steps = np.maximum(o - 1, 0)
-    ctx = steps * p + steps * (steps + 1) / 2.0
-    chain = np.full(len(requests), np.inf)
-    x_work = np.full(len(requests), np.inf)
-    y_work = np.full(len(requests), np.inf)
-    for g in cluster.groups:
-        pc, dc = g.cost_model.prefill, g.cost_model.decode
-        pre = np.maximum(pc.floor_s, pc.base_s + pc.per_token_s * p) + pc.per_token_sq_s * p * p
-        dec = steps * (dc.base_s + dc.per_seq_s) + dc.per_ctx_token_s * ctx
-        chain = np.minimum(chain, pre + dec)
-        lin = steps * dc.per_seq_s + dc.per_ctx_token_s * ctx
-        b = min(g.max_batch_size, g.kv_capacity_tokens)
-        x_work = np.minimum(x_work, lin + dc.base_s * steps / b)
-        y_work = np.minimum(y_work, lin + pc.base_s / b + pc.per_token_s * p + pc.per_token_sq_s * p * p)
+    terms = [_terms(g, p, o) for g in cluster.groups]
+    chain = np.min([_chain(g, t, p, o) for g, t in zip(cluster.groups, terms)], axis=0)
     ends = a + chain
     k = int(np.argmax(ends))
     chain_s = float(ends[k])
-    work_s = max(_work_bound(a, x_work, cluster.num_replicas), _work_bound(a, y_work, cluster.num_replicas))
+    works = [np.min([t.lin + w(t) for t in terms], axis=0) for w in _WORK_TERMS]
+    work_s = max(_work_bound(a, w, cluster.num_replicas) for w in works)
+    if len(cluster.groups) > 1:
+        work_s = max(work_s, max(_lp_work(cluster, terms, w, p, o) for w in _WORK_TERMS))
+    steps_s = _steps_bound(cluster, terms, o)
     # shrink by a few ulps so float summation order can never lift the bound above a makespan
-    value = max(chain_s, work_s) * (1.0 - 1e-12)
-    return LowerBound(value, chain_s, work_s, requests[k].id)
+    value = max(chain_s, work_s, steps_s) * (1.0 - 1e-12)
+    return LowerBound(value, chain_s, work_s, requests[k].id, steps_s)
+
+
+def _mixed(lam: float, share):
+    """lam * (m + rho T) + (1 - lam) * (m_pre + per_token T) per iteration, T its prefill tokens:
+    below both sides of max(m + rho T, base_p + per_token T), so below every iteration's cost."""
+    return lambda t: ((lam * t.m + (1 - lam) * t.m_pre) * share(t)
+                      + lam * t.pre + (1 - lam) * t.pre_full)
+
+
+# the work terms a request adds beyond lin': iterations (over the batch, or over the KV cache)
+# priced with the prefill tokens they carry at a mix of the two per-iteration bounds; and its
+# first prefill alone
+_WORK_TERMS = tuple(_mixed(lam, share) for lam in (1.0, 0.75, 0.5, 0.25, 0.0)
+                    for share in (lambda t: t.o / t.batch, lambda t: t.kv / t.kv_cap)) + (lambda t: t.y,)
 
 
 def _work_bound(arrival: np.ndarray, work: np.ndarray, replicas: int) -> float:
@@ -83,3 +181,97 @@ def _work_bound(arrival: np.ndarray, work: np.ndarray, replicas: int) -> float:
     a, w = arrival[order], work[order]
     suffix = np.cumsum(w[::-1])[::-1]
     return float(np.max(a + suffix / replicas))
+
+
+def _lp_work(cluster: ClusterSpec, terms: list[_Terms], term, p: np.ndarray, o: np.ndarray) -> float:
+    """min T with a fractional assignment of every request to groups, each group's work at most
+    count * T (OR-Tools GLOP); requests with equal (prompt, output) merge into one type."""
+    keys, inv = np.unique(np.stack([p, o]), axis=1, return_inverse=True)
+    if keys.shape[1] > LP_MAX_TYPES:
+        return 0.0
+    inv = inv.ravel()
+    counts = np.bincount(inv).astype(np.float64)
+    first = np.zeros(keys.shape[1], dtype=np.int64)
+    first[inv[::-1]] = np.arange(len(inv))[::-1]
+    from ortools.linear_solver import pywraplp
+
+    solver = pywraplp.Solver.CreateSolver("GLOP")
+    if solver is None:
+        return 0.0
+    size = [(t.lin + term(t))[first] for t in terms]
+    x = [[solver.NumVar(0.0, float(c), "") for c in counts] for _ in terms]
+    makespan = solver.NumVar(0.0, solver.infinity(), "T")
+    for j, c in enumerate(counts):
+        solver.Add(sum(x[gi][j] for gi in range(len(terms))) == float(c))
+    for gi, g in enumerate(cluster.groups):
+        solver.Add(sum(float(size[gi][j]) * x[gi][j] for j in range(len(counts))) <= g.count * makespan)
+    solver.Minimize(makespan)
+    if solver.Solve() != pywraplp.Solver.OPTIMAL:
+        return 0.0
+    # the LP's own optimum is a float answer: its dual bound is what is proven; GLOP's primal
+    # optimum equals it up to its tolerance, so shrink by that tolerance
+    return float(makespan.solution_value()) * (1.0 - 1e-7)
+
+
+def _steps_bound(cluster: ClusterSpec, terms: list[_Terms], o: np.ndarray, grid: int = 5) -> float:
+    """The steps family (module docstring): weights mu (iterations vs prefill), alpha, beta, gamma
+    (longest, batch, KV) on a grid; for each, the least T whose nested Hall condition holds."""
+    groups = cluster.groups
+    order = np.argsort(-o, kind="stable")
+    out = o[order]
+    counts = [g.count for g in groups]
+    labels = [k for k, c in enumerate(counts) for _ in range(c)]
+    if len(groups) == 1:
+        patterns = [labels]
+    else:
+        patterns = sorted(set(itertools.permutations(labels))) if len(labels) <= 9 else []
+        if not patterns or len(patterns) > MAX_PATTERNS:
+            return 0.0
+    fr = np.linspace(0.0, 1.0, grid)
+    best = 0.0
+    for mu, al, be in [(mu, al, be) for mu in fr[1:] for al in fr for be in fr if al + be <= 1 + 1e-9]:
+        ga = max(0.0, 1.0 - al - be)
+        if al == 0.0:
+            continue                                  # no 'longest' term: the work bound covers it
+        size = np.stack([t.lin[order] + mu * (t.m * (be * out / t.batch + ga * t.kv[order] / t.kv_cap) + t.pre[order])
+                         + (1 - mu) * t.y[order] for t in terms])
+        ref = size.min(axis=0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            theta = [float(np.min(np.where(ref > 0, s / ref, np.inf))) for s in size]
+        theta = [th if np.isfinite(th) and th > 0 else 1.0 for th in theta]
+        cum_w = np.concatenate([[0.0], np.cumsum(ref)])
+        slope = [mu * al * t.m for t in terms]
+        total = cum_w[-1]
+
+        def feasible(T: float) -> bool:
+            for pat in patterns:
+                cap = 0.0
+                ok = True
+                for pos, k in enumerate(pat):
+                    if pos == 0:
+                        v = out[0]
+                    else:                             # least threshold: the longer rest fits before
+                        i = int(np.searchsorted(cum_w, cap, side="right")) - 1
+                        v = out[i] if i < len(out) else 0.0
+                    c = (T - slope[k] * v) / theta[k]
+                    if c < 0.0:
+                        ok = False
+                        break
+                    cap += c
+                if ok and total <= cap:
+                    return True
+            return False
+
+        if feasible(best):
+            continue
+        lo, hi = best, max(best, 1e-9) * 2.0
+        while not feasible(hi):
+            lo, hi = hi, hi * 2.0
+        for _ in range(48):
+            mid = 0.5 * (lo + hi)
+            if feasible(mid):
+                hi = mid
+            else:
+                lo = mid
+        best = lo
+    return best

@@ -6,6 +6,7 @@ g. Predicted finish times are then recomputed with each group's own per-request 
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -13,7 +14,8 @@ import numpy as np
 
 from ..config import ClusterSpec
 from ..workload import Request
-from .binpack import pack
+from .banded import banded_assignment, estimated_finish
+from .binpack import deterministic_budget, pack
 from .bounds import lower_bound
 from .estimate import latency_matrix, work_matrix
 
@@ -67,10 +69,19 @@ class Plan:
 
 
 def make_plan(cluster: ClusterSpec, requests: list[Request], predicted_output: np.ndarray | None = None,
-              method: str = "cpsat", time_limit_s: float = 5.0, workers: int = 2, seed: int = 0,
-              start: str = "auto") -> Plan:
+              method: str = "cpsat", time_limit_s: float = math.inf, workers: int = 2, seed: int = 0,
+              start: str = "auto", bands: str = "auto", deterministic_time: float | None = None) -> Plan:
     """Plan ``requests`` as one batch (arrival times ignored) on ``cluster``; lengths from
-    ``predicted_output`` (the true lengths when None)."""
+    ``predicted_output`` (the true lengths when None).
+
+    ``time_limit_s`` is wall-clock seconds from this call's start (the solver gets what the cost
+    matrices left; ``math.inf``, the default: no wall limit, so that library callers, the simulator
+    and the benches get the same plan under any load). ``deterministic_time`` is CP-SAT's deterministic
+    budget (default 0.4 x time_limit_s): with it and no wall limit the plan is the same on any machine.
+    """
+    budget = deterministic_budget(time_limit_s, deterministic_time)     # checks both
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers!r}")
     if start not in ORDERS:
         raise ValueError(f"unknown start order {start!r}; choose from {', '.join(ORDERS)}")
     if method not in METHODS:
@@ -86,41 +97,141 @@ def make_plan(cluster: ClusterSpec, requests: list[Request], predicted_output: n
     totals = work.sum(axis=1)
     speed_of_group = totals[0] / np.maximum(totals, 1e-300) if len(requests) else np.ones(len(cluster.groups))
     speeds = speed_of_group[gidx]
-    res = pack(work[0], speeds, method=method, time_limit_s=time_limit_s, workers=workers, seed=seed)
+    remaining = float(time_limit_s) - (time.perf_counter() - t0)       # wall clock: the matrices count
+    res = pack(work[0], speeds, method=method, time_limit_s=remaining, workers=workers, seed=seed,
+               deterministic_time=budget)
     assign = res.assignment.copy()
     latency = latency_matrix(cluster, prompt, output)
     repaired = repair_latency_bound(assign, work, latency, gidx)
-    order: dict[str, list[str]] = {r.name: [] for r in replicas}
-    finish: dict[str, float] = {}
-    peak = prompt + output                                           # KV a request holds at its end
-    for m, r in enumerate(replicas):
-        idx = np.flatnonzero(assign == m)
-        mode = start
-        if start == "auto":   # longest-first unless a batch of its long requests would not fit the KV cache
-            b = r.group.max_batch_size
-            top = np.sort(peak[idx])[-TAIL_BATCHES * b:] if len(idx) else peak[idx]
-            kv_bound = len(top) and b * float(top.mean()) > r.group.kv_capacity_tokens
-            mode = "short-tail" if kv_bound else "longest"
-        idx = start_order(idx, work[gidx[m], idx], r.group.max_batch_size, mode)
-        order[r.name] = [requests[j].id for j in idx]
-        finish[r.name] = max(float(work[gidx[m], idx].sum()), float(latency[gidx[m], idx].max(initial=0.0)))
-    planned = max(finish.values(), default=0.0)
     # the plan packs the requests as one batch (all present), so its bound must ignore arrivals too;
     # and it knows only the lengths it planned with (a planner never reads a true length)
-    lb = lower_bound(cluster, [Request(q.id, q.prompt_tokens, max(1, int(round(o))), 0.0)
-                               for q, o in zip(requests, output)])
-    return Plan(
-        assignment={requests[j].id: replicas[int(m)].name for j, m in enumerate(assign)},
-        order=order, predicted_finish_s=finish, planned_makespan_s=planned,
-        lower_bound_s=lb.value_s, gap=(planned / lb.value_s - 1.0) if lb.value_s > 0 else 0.0,
-        pack_bound_s=float(res.lower_bound),
-        pack_gap=float(res.makespan / res.lower_bound - 1.0) if res.lower_bound > 0 else 0.0,
-        solver_status=res.status, method=res.method,
-        solve_time_s=time.perf_counter() - t0,
-        info={"pack_makespan_s": float(res.makespan), "pack_solve_time_s": float(res.solve_time_s),
-              "chain_bound_s": lb.chain_s, "work_bound_s": lb.work_s, "speeds": speed_of_group.tolist(),
-              "latency_moves": repaired},
-    )
+    batch = [Request(q.id, q.prompt_tokens, max(1, int(round(o))), 0.0) for q, o in zip(requests, output)]
+    lb = lower_bound(cluster, batch)
+    info = {"pack_makespan_s": float(res.makespan), "pack_solve_time_s": float(res.solve_time_s),
+            "chain_bound_s": lb.chain_s, "work_bound_s": lb.work_s, "steps_bound_s": lb.steps_s,
+            "speeds": speed_of_group.tolist(), "latency_moves": repaired}
+
+    def build(assign: np.ndarray, banded: bool) -> Plan:
+        order: dict[str, list[str]] = {r.name: [] for r in replicas}
+        finish: dict[str, float] = {}
+        est = estimated_finish(cluster, prompt, output, assign) if banded else None
+        peak = prompt + output                                       # KV a request holds at its end
+        for m, r in enumerate(replicas):
+            idx = np.flatnonzero(assign == m)
+            mode = start
+            if banded:
+                mode = "longest"      # a band's longest requests set its iterations: start them first
+            elif start == "auto":     # longest-first unless a batch of its long requests would not fit the KV cache
+                b = r.group.max_batch_size
+                top = np.sort(peak[idx])[-TAIL_BATCHES * b:] if len(idx) else peak[idx]
+                kv_bound = len(top) and b * float(top.mean()) > r.group.kv_capacity_tokens
+                mode = "short-tail" if kv_bound else "longest"
+            idx = start_order(idx, work[gidx[m], idx], r.group.max_batch_size, mode)
+            order[r.name] = [requests[j].id for j in idx]
+            finish[r.name] = (float(est[m]) if banded else
+                              max(float(work[gidx[m], idx].sum()), float(latency[gidx[m], idx].max(initial=0.0))))
+        planned = max(finish.values(), default=0.0)
+        return Plan(
+            assignment={requests[j].id: replicas[int(m)].name for j, m in enumerate(assign)},
+            order=order, predicted_finish_s=finish, planned_makespan_s=planned,
+            lower_bound_s=lb.value_s, gap=(planned / lb.value_s - 1.0) if lb.value_s > 0 else 0.0,
+            pack_bound_s=float(res.lower_bound),
+            pack_gap=float(res.makespan / res.lower_bound - 1.0) if res.lower_bound > 0 else 0.0,
+            solver_status=res.status, method=res.method if not banded else "bands",
+            solve_time_s=time.perf_counter() - t0, info=dict(info, bands=banded))
+
+    dispatch = cluster.policy.get("hybrid", {}).get("dispatch", "auto")
+    candidates = {}
+    if bands in ("auto", "off") and dispatch != "bounded":
+        candidates["pack"] = build(assign, False)
+    if dispatch != "bounded" and (bands == "on" or (bands == "auto" and len(requests) <= SIMULATE_MAX)):
+        # above SIMULATE_MAX requests per replica greatly exceed a batch: the longest requests'
+        # iterations are a small share of a replica's, and bands would gain little
+        candidates["bands"] = build(banded_assignment(cluster, prompt, output)[0], True)
+    if dispatch == "bounded" or (dispatch == "auto" and bands == "auto" and len(requests) <= SIMULATE_MAX):
+        # late binding: no assignment, Serve's bounded queues fed longest first (only a simulation
+        # can price it against the plans; policy.hybrid.dispatch: bounded forces it)
+        candidates["bounded"] = build(assign, False)
+        candidates["bounded"].info["dispatch"] = "bounded"
+        candidates["bounded"].method = "bounded"
+    chosen = choose_plan(cluster, batch, candidates, tune=bands == "auto")
+    plan = candidates[chosen]
+    plan.solve_time_s = time.perf_counter() - t0
+    return plan
+
+
+SIMULATE_MAX = 20_000       # requests up to which candidate plans are compared by simulation
+TUNE_MAX = 5_000            # requests up to which the online rule's settings are compared too
+# settings of the hybrid's online rule (policy.hybrid knobs) the planner may try on its plan: a
+# steeper slot price (insert prefills sooner; 1e6: whenever a slot frees, as vLLM v1 does),
+# longest-predicted-first queues instead of the plan's start order, and all of vLLM v1's habits
+# at once (chunks up to the group's token budget). Knobs the cluster YAML sets are never overridden.
+RULES: tuple[dict, ...] = ({"multiplier": 2.0}, {"multiplier": 1e6}, {"sort": "longest"},
+                           {"multiplier": 1e6, "sort": "longest", "chunk_tokens": 1 << 20})
+
+
+def _simulate_hybrid(cluster: ClusterSpec, batch: list[Request], plan: Plan) -> float:
+    from ..policies import build_scheduler
+    from ..simulator import simulate
+
+    return simulate(cluster, build_scheduler("hybrid", cluster, batch, plan=plan), batch).makespan_s
+
+
+def tune_rule(cluster: ClusterSpec, batch: list[Request], plan: Plan, default_s: float) -> float:
+    """Keep in ``plan.info["rule"]`` the online-rule settings (RULES, or none: ``default_s``) under
+    which the hybrid's simulated run on ``plan`` is shortest, on the planned lengths; ties keep the
+    defaults. Returns that makespan.
+
+    The Lagrangian multiplier is a free parameter of the rule (docs/scheduling.md section 3): one
+    that suits a batch of 8 long prompts need not suit a batch of 128 short ones, and the
+    simulator, with the very policy objects that will run, can tell which."""
+    given = set(cluster.policy.get("hybrid", {}))
+    best, best_ms = {}, default_s
+    tried = {"default": round(default_s, 6)}
+    for rule in RULES:
+        if given & set(rule):
+            continue
+        plan.info["rule"] = rule
+        ms = _simulate_hybrid(cluster, batch, plan)
+        tried[", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in rule.items())] = round(ms, 6)
+        if ms < best_ms * (1 - 1e-9):
+            best, best_ms = rule, ms
+    plan.info["rule"] = dict(best)
+    plan.info["rules_tried"] = tried
+    return best_ms
+
+
+def choose_plan(cluster: ClusterSpec, batch: list[Request], candidates: dict[str, Plan], tune: bool = False) -> str:
+    """The candidate whose simulated hybrid run is shortest, on the planned lengths; with ``tune``
+    (up to TUNE_MAX requests) each candidate with its best online-rule settings (``tune_rule``).
+
+    Why simulate: the candidates are cut with different cost estimates (work balance, length
+    bands), neither of which sees the iteration-level interplay; the deterministic simulator
+    does, with the very policy that will run the plan. Above ``SIMULATE_MAX`` requests, the
+    candidates' own estimates decide. Every run uses only the lengths the plan was made with.
+    """
+    tune = tune and 0 < len(batch) <= TUNE_MAX
+    if len(candidates) == 1 and not tune:
+        return next(iter(candidates))
+    scores: dict[str, float] = {}
+    if len(batch) <= SIMULATE_MAX:
+        for name, plan in candidates.items():
+            scores[name] = _simulate_hybrid(cluster, batch, plan)
+            if tune:
+                scores[name] = tune_rule(cluster, batch, plan, scores[name])
+    else:                                      # one model for both: the band estimate
+        prompt = np.fromiter((q.prompt_tokens for q in batch), np.float64, len(batch))
+        output = np.fromiter((q.output_tokens for q in batch), np.float64, len(batch))
+        index = {r.name: k for k, r in enumerate(cluster.replicas())}
+        for name, plan in candidates.items():
+            assign = np.array([index[plan.assignment[q.id]] for q in batch])
+            scores[name] = float(estimated_finish(cluster, prompt, output, assign).max(initial=0.0))
+    chosen = min(scores, key=lambda k: (scores[k], k != "pack"))
+    for name, plan in candidates.items():
+        plan.info["candidates"] = {k: round(v, 6) for k, v in scores.items()}
+        plan.info["chosen"] = chosen
+        plan.info["simulated"] = len(batch) <= SIMULATE_MAX
+    return chosen
 
 
 def repair_latency_bound(assign: np.ndarray, work: np.ndarray, latency: np.ndarray, gidx: np.ndarray,

@@ -1,6 +1,10 @@
 """Named schedulers: `build_scheduler(name, cluster, requests)` gives the bundle a run uses."""
 from __future__ import annotations
 
+import difflib
+import math
+from dataclasses import dataclass
+
 import numpy as np
 
 from ..config import ClusterSpec
@@ -24,32 +28,132 @@ KNOBS: dict[str, dict[str, object]] = {
     "raydata": {"batch_size": 32, "max_concurrent_batches": 8},
     "serve": {"max_ongoing_requests": 0},          # 0: 2 x each replica's max_batch_size
     "hybrid": {"multiplier": 1.0, "allow_mixed": True, "chunk_tokens": 512, "horizon": 32, "sort": "plan",
-               "interval_s": 1.0, "threshold_s": 0.5, "rel_threshold": 0.01, "max_moves": 4},
+               "interval_s": 1.0, "threshold_s": 0.5, "rel_threshold": 0.01, "max_moves": 4,
+               "dispatch": "auto"},
 }
 
 
+@dataclass(frozen=True, slots=True)
+class KnobRange:
+    """What a knob accepts: ``kind`` int | float (finite) | bool | choice, with bounds or choices."""
+
+    kind: str                          # int | float | bool | choice | str
+    lo: float | None = None            # minimum (inclusive unless lo_open)
+    lo_open: bool = False
+    choices: tuple[str, ...] = ()
+    note: str = ""                     # e.g. what 0 means
+
+    def describe(self) -> str:
+        if self.kind == "bool":
+            return "true or false"
+        if self.kind == "choice":
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        if self.kind == "str":
+            return "a string"
+        what = "an integer" if self.kind == "int" else "a number"
+        bound = "" if self.lo is None else f" {'>' if self.lo_open else '>='} {self.lo:g}"
+        return what + bound + (f" ({self.note})" if self.note else "")
+
+    def accepts(self, value: object) -> bool:
+        if self.kind == "bool":
+            return isinstance(value, bool)
+        if self.kind in ("choice", "str"):
+            return isinstance(value, str) and (self.kind == "str" or value in self.choices)
+        if isinstance(value, bool) or not isinstance(value, (int, float) if self.kind == "float" else int):
+            return False
+        if self.kind == "float":
+            try:
+                if not math.isfinite(value):          # nan, inf, or an int beyond any float
+                    return False
+            except OverflowError:
+                return False
+        return self.lo is None or (value > self.lo if self.lo_open else value >= self.lo)
+
+
+_INT1 = KnobRange("int", 1)
+# The range of every knob in KNOBS: checked when a cluster YAML is loaded (config.py), so a bad value
+# fails before anything runs, with the file and key path.
+KNOB_RANGES: dict[str, dict[str, KnobRange]] = {
+    "chunked": {"token_budget": _INT1},
+    "raydata": {"batch_size": _INT1, "max_concurrent_batches": _INT1},
+    "serve": {"max_ongoing_requests": KnobRange("int", 0, note="0: 2 x each replica's max_batch_size")},
+    "hybrid": {"multiplier": KnobRange("float", 0), "allow_mixed": KnobRange("bool"),
+               "chunk_tokens": KnobRange("int", 0, note="0: mixed insertions are not chunked"),
+               "horizon": _INT1, "sort": KnobRange("choice", choices=("plan", "longest")),
+               # a tick below a millisecond of modelled time would make the controller run forever
+               "interval_s": KnobRange("float", 1e-3, note="seconds between rebalancing rounds"),
+               "threshold_s": KnobRange("float", 0), "rel_threshold": KnobRange("float", 0),
+               "max_moves": KnobRange("int", 0),
+               # auto: the planner simulates plan-routed and bounded (late-binding) dispatch and keeps the faster
+               "dispatch": KnobRange("choice", choices=("auto", "plan", "bounded"))},
+}
+
+
+class KnobError(ValueError):
+    """A ``policy:`` section problem; ``path`` is the key path (``policy.hybrid.horizon``)."""
+
+    def __init__(self, path: str, message: str):
+        super().__init__(f"{path}: {message}")
+        self.path = path
+        self.message = message
+
+
+def _knob_range(name: str, key: str) -> KnobRange:
+    """The knob's range; a knob without one is typed by its default."""
+    spec = KNOB_RANGES.get(name, {}).get(key)
+    if spec is not None:
+        return spec
+    default = KNOBS[name][key]
+    if isinstance(default, bool):
+        return KnobRange("bool")
+    if isinstance(default, int):
+        return KnobRange("int")
+    if isinstance(default, float):
+        return KnobRange("float")
+    return KnobRange("str")
+
+
+def _show(value: object) -> str:
+    if isinstance(value, (dict, list)):
+        return f"a {'mapping' if isinstance(value, dict) else 'list'}"
+    return "null" if value is None else repr(value)
+
+
+def check_policy_knobs(policy: object) -> dict[str, dict]:
+    """Validate a cluster's ``policy:`` section (policy name -> knobs) against KNOBS and KNOB_RANGES.
+
+    Returns it unchanged; raises KnobError naming the key path on an unknown policy or knob, or a
+    value of the wrong type or out of range.
+    """
+    if not isinstance(policy, dict):
+        raise KnobError("policy", f"expected a mapping of policy name -> knobs, got {_show(policy)}")
+    for name, knobs in policy.items():
+        if name not in KNOBS:
+            close = difflib.get_close_matches(str(name), list(KNOBS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise KnobError("policy", f"unknown policy {name!r}{hint}; knobs exist for {', '.join(sorted(KNOBS))}")
+        if not isinstance(knobs, dict):
+            raise KnobError(f"policy.{name}", f"expected a mapping of knob -> value, got {_show(knobs)}")
+        for key, value in knobs.items():
+            if key not in KNOBS[name]:
+                close = difflib.get_close_matches(str(key), list(KNOBS[name]), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise KnobError(f"policy.{name}", f"unknown key {key!r}{hint}; allowed: "
+                                                  f"{', '.join(sorted(KNOBS[name])) or '(none)'}")
+            spec = _knob_range(name, key)
+            if not spec.accepts(value):
+                raise KnobError(f"policy.{name}.{key}", f"expected {spec.describe()}, got {_show(value)}")
+    return policy
+
+
 def _knobs(cluster: ClusterSpec, name: str) -> dict:
-    """The policy's knobs: defaults overridden by the YAML; unknown keys and wrong types rejected."""
-    given = dict(cluster.policy.get(name, {}))
-    allowed = KNOBS.get(name, {})
-    out = dict(allowed)
-    for key, value in given.items():
-        if key not in allowed:
-            raise ConfigError(f"{cluster.source}: policy.{name}: unknown key {key!r}; allowed: "
-                              f"{', '.join(sorted(allowed)) or '(none)'}")
-        default = allowed[key]
-        ok = (isinstance(value, bool) if isinstance(default, bool) else
-              isinstance(value, (int, float)) and not isinstance(value, bool) if isinstance(default, (int, float))
-              else isinstance(value, type(default)))
-        if not ok:
-            raise ConfigError(f"{cluster.source}: policy.{name}.{key}: expected {type(default).__name__}, "
-                              f"got {value!r}")
-        out[key] = value
-    for name_ in cluster.policy:
-        if name_ not in KNOBS:
-            raise ConfigError(f"{cluster.source}: policy: unknown policy {name_!r}; knobs exist for "
-                              f"{', '.join(sorted(KNOBS))}")
-    return out
+    """The policy's knobs: defaults overridden by the YAML (validated as at config load: a hand-built
+    ClusterSpec gets the same one-line errors)."""
+    try:
+        check_policy_knobs(cluster.policy)
+    except KnobError as e:
+        raise ConfigError(f"{cluster.source}: {e}") from None
+    return {**KNOBS.get(name, {}), **cluster.policy.get(name, {})}
 
 
 def build_baseline(cluster: ClusterSpec, requests: list[Request], **_) -> Scheduler:
@@ -90,17 +194,20 @@ def build_serve(cluster: ClusterSpec, requests: list[Request], seed: int = 0, **
 
 
 def build_raydata(cluster: ClusterSpec, requests: list[Request], **_) -> Scheduler:
-    """Ray Data LLM: blocks of rows to the least-busy engine actor, FCFS inside (policies/raydata.py)."""
+    """Ray Data LLM: blocks of rows to the least-busy engine actor, a vLLM v1 engine inside each
+    (its stage builds ``vllm.AsyncLLMEngine``: v1, chunked prefill; policies/raydata.py)."""
     k = _knobs(cluster, "raydata")
-    sch = Scheduler("raydata", LeastLoadedRouter(), lambda r: FCFSPrefillFirst())
+    sch = Scheduler("raydata", LeastLoadedRouter(), vllm_v1_engine)
     sch.dispatcher = RayDataDispatcher(len(requests), int(k["batch_size"]), int(k["max_concurrent_batches"]))
     return sch
 
 
 def build_lpt_engine(cluster: ClusterSpec, requests: list[Request], predictor=None, **_) -> Scheduler:
-    """A per-engine batch scheduler (vLLM-Ascend's batch-job-aware one): least-loaded routing, then
-    longest predicted output first inside each engine. No cluster plan, no controller."""
-    return Scheduler("lpt-engine", LeastLoadedRouter(), lambda r: SortedQueue(FCFSPrefillFirst()),
+    """A per-engine batch scheduler modelled on vLLM-Ascend's batch-job-aware one (an LPT waiting
+    queue inside a vLLM v1 scheduler): least-loaded routing, then each v1 engine's waiting queue
+    sorted longest predicted output first (preempted requests stay in front). No cluster plan, no
+    controller. docs/scheduling.md section 7 says where it differs from vLLM-Ascend's."""
+    return Scheduler("lpt-engine", LeastLoadedRouter(), lambda r: SortedQueue(vllm_v1_engine(r)),
                      predictor=predictor or make_predictor("oracle", requests), sort_key=longest_predicted_first,
                      rekey=longest_predicted_first)
 
@@ -109,6 +216,14 @@ def initial_batch(requests: list[Request]) -> list[Request]:
     """The requests known before the run starts (those at the first arrival time): what a plan covers."""
     t0 = min((q.arrival_s for q in requests), default=0.0)
     return [q for q in requests if q.arrival_s == t0]
+
+
+def plan_bands(policy: str, predictor) -> str:
+    """The planner's ``bands`` option for ``policy``: length bands (planner/banded.py) are the
+    hybrid's, and only with known lengths: a band of requests predicted long that turn out short
+    leaves its replica idle, and with learned lengths the planner's simulation that chooses
+    between the candidates would run on the same wrong lengths."""
+    return "auto" if policy == "hybrid" and predictor.name == "oracle" else "off"
 
 
 def _planned(cluster: ClusterSpec, requests: list[Request], plan, predictor, plan_opts: dict):
@@ -130,7 +245,7 @@ def build_offline(cluster: ClusterSpec, requests: list[Request], plan=None, pred
     ``plan`` may come precomputed (e.g. from a PlannerActor); else it is made here.
     """
     predictor = predictor or make_predictor("oracle", requests)
-    plan, assignment = _planned(cluster, requests, plan, predictor, plan_opts)
+    plan, assignment = _planned(cluster, requests, plan, predictor, {"bands": plan_bands("offline", predictor), **plan_opts})
     rank = plan_rank(plan.rank())
     sch = Scheduler("offline", PlanRouter(assignment, LeastLoadedRouter()),
                     lambda r: SortedQueue(FCFSPrefillFirst()), predictor=predictor, sort_key=rank)
@@ -145,7 +260,11 @@ def build_hybrid(cluster: ClusterSpec, requests: list[Request], plan=None, predi
     if k["sort"] not in ("plan", "longest"):
         raise ConfigError(f"{cluster.source}: policy.hybrid.sort: expected 'plan' or 'longest', got {k['sort']!r}")
     predictor = predictor or make_predictor("oracle", requests)
-    plan, assignment = _planned(cluster, requests, plan, predictor, plan_opts)
+    plan, assignment = _planned(cluster, requests, plan, predictor, {"bands": plan_bands("hybrid", predictor), **plan_opts})
+    # the online rule's settings the planner found faster on this batch (planner.plan.tune_rule);
+    # never one the YAML sets
+    given = set(cluster.policy.get("hybrid", {}))
+    k.update({key: v for key, v in plan.info.get("rule", {}).items() if key not in given})
     key = plan_rank(plan.rank()) if k["sort"] == "plan" else longest_predicted_first
     groups = [r.group for r in cluster.replicas()]
 
@@ -158,8 +277,14 @@ def build_hybrid(cluster: ClusterSpec, requests: list[Request], plan=None, predi
     sch = Scheduler("hybrid", PlanRouter(assignment, EarliestFinishRouter(work_of)),
                     lambda r: SortedQueue(LagrangianPolicy(mult, mixed, horizon, chunk)),
                     RebalanceController(float(k["interval_s"]), float(k["threshold_s"]),
-                                        float(k["rel_threshold"]), int(k["max_moves"])),
+                                        float(k["rel_threshold"]), int(k["max_moves"]),
+                                        keep_plan_profile=bool(plan.info.get("bands"))),
                     predictor=predictor, sort_key=key, rekey=None if k["sort"] == "plan" else key)
+    if plan.info.get("dispatch") == "bounded":
+        # late binding (planner.plan: kept when its simulated run is faster): Serve's bounded
+        # replica queues, 2 x the batch, fed longest predicted first
+        limits = {r.index: 2 * r.group.max_batch_size for r in cluster.replicas()}
+        sch.dispatcher = ServeDispatcher(limits, seed=seed, order_key=longest_predicted_first)
     sch.info["plan"] = plan
     return sch
 
@@ -179,13 +304,13 @@ BUILDERS = {
 PLANNED = {"offline", "hybrid"}
 
 DESCRIPTIONS = {
-    "baseline": "least-loaded routing + FCFS prefill-first continuous batching (vLLM v0 style)",
+    "baseline": "the paper's baseline: least-loaded routing + FCFS prefill-first continuous batching (vLLM v0, no chunking)",
     "round-robin": "round-robin routing + FCFS prefill-first",
     "chunked": "least-loaded routing + Sarathi-style chunked prefill (token budget, vLLM v1 style)",
     "offline": "CP-SAT makespan plan (assignment + longest-first order) + FCFS prefill-first",
     "hybrid": "offline plan + sorting + Lagrangian prefill-vs-decode rule + rebalancing controller",
-    "raydata": "ray.data.llm's dispatch: blocks of 32 rows to the least-busy engine (<= 8 blocks in flight), FCFS",
-    "lpt-engine": "least-loaded routing + longest-predicted-first inside each engine (per-engine batch scheduler)",
+    "raydata": "ray.data.llm's dispatch: blocks of 32 rows to the least-busy engine (<= 8 blocks in flight), vLLM v1 engines",
+    "lpt-engine": "least-loaded routing + vLLM v1 engines, waiting queue longest-predicted-first (per-engine batch scheduler)",
     "vllm": "`vllm serve` data parallel: least-loaded routing + vLLM v1 engines (chunked prefill, budget = max_batched_tokens)",
     "serve": "Ray Serve LLM: power-of-two-choices router, <= max_ongoing_requests per replica (2 x batch), vLLM v1 engines",
 }

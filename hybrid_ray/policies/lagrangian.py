@@ -47,6 +47,7 @@ class LagrangianPolicy:
         self.chunk_tokens = chunk_tokens      # > 0: mixed insertions are split into chunks (Sarathi)
         self.decisions = 0
         self.deferrals = 0
+        self._finishing_memo: tuple[ReplicaState, list[int]] | None = None   # lookahead() -> schedule()
 
     # -- cost of inserting a set of prompts --------------------------------------------------
     def _chunk_limit(self, r: ReplicaState) -> int:
@@ -109,7 +110,22 @@ class LagrangianPolicy:
             return None
         return Iteration(MIXED if decode else PREFILL, chunks, decode=decode)
 
+    def lookahead(self, r: ReplicaState) -> int:
+        """At most how many waiting prompts the next ``schedule(r)`` reads, so that SortedQueue orders
+        only those: the free slots, plus one per running sequence predicted to finish within the
+        horizon (a deferral inserts that many more). The per-step counts it needs are kept for that
+        call, which must come next, on the same state."""
+        slots = r.free_slots
+        if slots <= 0 or not r.waiting:
+            return 0
+        if not r.running:
+            return slots
+        finishing = self._finishing(r)
+        self._finishing_memo = (r, finishing)
+        return slots + sum(finishing)
+
     def schedule(self, r: ReplicaState) -> Iteration | None:
+        memo, self._finishing_memo = self._finishing_memo, None
         running = r.running
         if r.prefilling:
             it = self._continue_chunks(r)
@@ -129,7 +145,7 @@ class LagrangianPolicy:
         tokens = sum(n for _, n in batch)
         attn = sum(n * n for _, n in batch)
         now_cost, mixed = self._insert_cost(r, tokens, attn, t_d)
-        best_wait = self._best_deferral(r, k, tokens, attn, mu, t_d)
+        best_wait = self._best_deferral(r, k, tokens, attn, mu, t_d, memo[1] if memo and memo[0] is r else None)
         if now_cost / k <= best_wait:
             if mixed:
                 return Iteration(MIXED, self._chunks(r, batch) if self.chunk_tokens > 0 else batch, decode=True)
@@ -137,15 +153,27 @@ class LagrangianPolicy:
         self.deferrals += 1
         return Iteration(DECODE, decode=True)
 
-    def _best_deferral(self, r: ReplicaState, k: int, tokens: int, attn: int, mu: float, t_d: float) -> float:
+    def _finishing(self, r: ReplicaState) -> list[int]:
+        """finishing[i]: running sequences predicted to finish after i+1 decode steps (i < horizon)."""
+        horizon = self.horizon
+        finishing = [0] * (horizon + 1)
+        step = r.step
+        last = step + horizon                 # predicted finish step (constant while it runs) <= last
+        for s in r.running.values():
+            end = s.predicted_output - s.generated + s.synced_step
+            if end <= last:
+                rem = end - step
+                finishing[rem - 1 if rem > 1 else 0] += 1
+        return finishing
+
+    def _best_deferral(self, r: ReplicaState, k: int, tokens: int, attn: int, mu: float, t_d: float,
+                       finishing: list[int] | None = None) -> float:
         """min over j of the per-request cost of deferring j steps (inf if deferring gains nothing)."""
         horizon = self.horizon
-        finishing = [0] * (horizon + 1)           # finishing[i]: predicted to finish after i+1 steps
-        step = r.step
-        for s in r.running.values():
-            rem = s.predicted_output - s.generated + s.synced_step - step
-            if rem <= horizon:
-                finishing[rem - 1 if rem > 1 else 0] += 1
+        if finishing is None:
+            finishing = self._finishing(r)
+        if not any(finishing):
+            return float("inf")                   # nothing predicted to finish: no later insertion is larger
         queue = r.waiting                         # prompts past the first k could join a later insertion
         waiting = len(queue)
         best = float("inf")

@@ -7,8 +7,10 @@ Our reading of Ray's docs and source (vLLMEngineProcessorConfig, ActorPoolMapOpe
   a block is submitted to the least-busy actor that has fewer than ``max_concurrent_batches``
   (default 8) blocks in flight, and the next block goes out when one of its blocks completes
   (all its rows returned);
-* inside the engine, the rows of its in-flight blocks are scheduled by vLLM itself: FCFS
-  continuous batching (prefill-first here, like the `baseline` policy).
+* inside the engine, the rows of its in-flight blocks are scheduled by vLLM itself. The stage
+  builds ``vllm.AsyncLLMEngine`` (``ray/llm/_internal/batch/stages/vllm_engine_stage.py``), a v1
+  engine in current vLLM: chunked prefill at ``max_num_batched_tokens``, running requests first,
+  then waiting ones FCFS (``build_raydata`` pairs this dispatcher with ``vllm_v1_engine``).
 
 With requests arriving over time, a block is cut as soon as ``batch_size`` rows have arrived
 (a batch job reads its input up front; the last, partial block goes when the input ends).

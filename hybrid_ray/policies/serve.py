@@ -31,9 +31,12 @@ from ..replica import LoadReport, Sequence
 class ServeDispatcher:
     """Power-of-two-choices routing with bounded replica queues; a central FIFO holds the rest."""
 
-    def __init__(self, max_ongoing: dict[int, int], seed: int = 0, draws: int = 16):
+    def __init__(self, max_ongoing: dict[int, int], seed: int = 0, draws: int = 16, order_key=None):
         if any(m < 1 for m in max_ongoing.values()):
             raise ValueError("max_ongoing_requests must be >= 1")
+        # None: Serve's FIFO. A key: each arriving batch joins the central queue sorted by it (the
+        # hybrid's bounded mode: a batch job's longest requests first, as its plan would start them)
+        self.order_key = order_key
         self.max_ongoing = max_ongoing            # replica index -> its bound
         self.rng = random.Random(seed)
         self.draws = draws                        # pairs drawn before falling back to a scan (backoff)
@@ -42,7 +45,7 @@ class ServeDispatcher:
         self.placed: dict[str, int] = {}          # request id -> replica
 
     def admit(self, seqs: list[Sequence], loads: list[LoadReport]) -> list[tuple[Sequence, int]]:
-        self.queue.extend(seqs)
+        self.queue.extend(seqs if self.order_key is None else sorted(seqs, key=self.order_key))
         return self._dispatch(loads)
 
     def on_finished(self, replica: int, finished: list[Sequence], loads: list[LoadReport]
