@@ -7,6 +7,7 @@ sample and the finishing mechanics (``ReplicaState.complete``) may.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import sys
@@ -218,6 +219,9 @@ def test_oracle_summary_reports_zero_error(paper200):
 
 def test_online_lengths_learn_repredict_and_are_deterministic(paper200):
     cl, reqs = paper200
+    # plan routing (one group binds late by default with learned lengths, which starts requests
+    # sooner, on earlier predictions): the queued requests wait on their replicas to be re-predicted
+    cl = dataclasses.replace(cl, policy={"hybrid": {"dispatch": "plan"}})
     runs = [simulate(cl, build_scheduler("hybrid", cl, reqs, lengths="online", time_limit_s=float("inf"),
                                              deterministic_time=0.4), reqs)
             for _ in range(2)]
@@ -230,6 +234,17 @@ def test_online_lengths_learn_repredict_and_are_deterministic(paper200):
     assert a.prediction_spearman is None
     assert a.prediction_mae_start < 0.6 * a.prediction_mae             # re-predicted before they started
     assert a.prediction_spearman_start > 0.2
+
+
+def test_learned_lengths_bind_late_on_one_group_and_follow_the_plan_on_several(paper200):
+    cl, reqs = paper200
+    one = build_scheduler("hybrid", cl, reqs, lengths="online")
+    assert one.dispatcher is not None and one.info["plan"].info["dispatch"] == "bounded"
+    hetero, hreqs = load_inputs("hetero", "gsm8k", 200)
+    several = build_scheduler("hybrid", hetero, hreqs, lengths="online")
+    assert several.dispatcher is None and "dispatch" not in several.info["plan"].info
+    s = summarize(simulate(cl, one, reqs))
+    assert s.requests_completed == 200 and s.output_tokens == sum(q.output_tokens for q in reqs)
 
 
 def test_online_lengths_with_arrivals_learn_for_later_requests():

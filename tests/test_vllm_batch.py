@@ -34,7 +34,7 @@ groups:
       prefill: {floor_s: 0.0026, base_s: 0.0024, per_token_s: 8.8e-06, per_token_sq_s: 1.0e-09}
       decode: {base_s: 0.0009, per_seq_s: 2.5e-05, per_ctx_token_s: 2.0e-07}
 policy:
-  hybrid: {interval_s: 0.02, threshold_s: 0.0, rel_threshold: 0.0, max_moves: 8}
+  hybrid: {interval_s: 0.02, threshold_s: 0.0, rel_threshold: 0.0, max_moves: 8, dispatch: plan}
 """
 
 

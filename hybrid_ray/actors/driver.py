@@ -138,7 +138,7 @@ class Driver:
 
         if self.scheduler is not None:
             return self.scheduler
-        from ..policies import plan_bands
+        from ..policies import plan_bands, plan_dispatch
         from ..policies.predict import make_predictor
 
         plan = None
@@ -155,7 +155,8 @@ class Driver:
             ref = self.planner.plan.remote(self.cluster, batch, predicted_output=predicted,
                                            method=self.opts.plan_method, time_limit_s=self.opts.plan_time_limit_s,
                                            deterministic_time=self.opts.plan_deterministic_time,
-                                           workers=self.opts.plan_workers, seed=seed, bands=plan_bands(self.opts.policy, predictor))
+                                           workers=self.opts.plan_workers, seed=seed, bands=plan_bands(self.opts.policy, predictor),
+                                           dispatch=plan_dispatch(self.opts.policy, predictor, self.cluster))
             self.msgs["plan"] += 1
             ready, _ = ray.wait([ref], timeout=self._plan_wait_s())
             if not ready:

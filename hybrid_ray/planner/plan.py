@@ -70,7 +70,8 @@ class Plan:
 
 def make_plan(cluster: ClusterSpec, requests: list[Request], predicted_output: np.ndarray | None = None,
               method: str = "cpsat", time_limit_s: float = math.inf, workers: int = 2, seed: int = 0,
-              start: str = "auto", bands: str = "auto", deterministic_time: float | None = None) -> Plan:
+              start: str = "auto", bands: str = "auto", deterministic_time: float | None = None,
+              dispatch: str | None = None) -> Plan:
     """Plan ``requests`` as one batch (arrival times ignored) on ``cluster``; lengths from
     ``predicted_output`` (the true lengths when None).
 
@@ -79,6 +80,9 @@ def make_plan(cluster: ClusterSpec, requests: list[Request], predicted_output: n
     and the benches get the same plan under any load). ``deterministic_time`` is CP-SAT's deterministic
     budget (default 0.4 x time_limit_s): with it and no wall limit the plan is the same on any machine.
     """
+    dispatch_default = dispatch
+    if dispatch not in (None, "auto", "plan", "bounded"):
+        raise ValueError(f"unknown dispatch {dispatch!r}; choose auto, plan or bounded")
     budget = deterministic_budget(time_limit_s, deterministic_time)     # checks both
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers!r}")
@@ -140,7 +144,10 @@ def make_plan(cluster: ClusterSpec, requests: list[Request], predicted_output: n
             solver_status=res.status, method=res.method if not banded else "bands",
             solve_time_s=time.perf_counter() - t0, info=dict(info, bands=banded))
 
+    # the YAML's policy.hybrid.dispatch wins; else the caller's (policies.plan_dispatch); else auto
     dispatch = cluster.policy.get("hybrid", {}).get("dispatch", "auto")
+    if dispatch == "auto" and dispatch_default is not None:
+        dispatch = dispatch_default
     candidates = {}
     if bands in ("auto", "off") and dispatch != "bounded":
         candidates["pack"] = build(assign, False)

@@ -226,6 +226,22 @@ def plan_bands(policy: str, predictor) -> str:
     return "auto" if policy == "hybrid" and predictor.name == "oracle" else "off"
 
 
+def plan_dispatch(policy: str, predictor, cluster: ClusterSpec) -> str:
+    """The planner's default ``dispatch`` for ``policy`` (the YAML's policy.hybrid.dispatch wins).
+
+    Known lengths: ``auto``, the planner simulates plan routing and late binding and keeps the
+    faster. Learned lengths: no simulation can tell (it would run on the same wrong lengths), so a
+    rule. One group: late binding (Serve's bounded queues, fed longest predicted first), which
+    balances by completions and needs no lengths; several groups: the plan, which puts work where
+    it is cheapest, where late binding would hand long requests to a slow replica that frees first
+    (docs/scheduling.md section 7 has the measurements)."""
+    if policy != "hybrid":
+        return "plan"
+    if predictor.name == "oracle":
+        return "auto"
+    return "bounded" if len(cluster.groups) == 1 else "plan"
+
+
 def _planned(cluster: ClusterSpec, requests: list[Request], plan, predictor, plan_opts: dict):
     """The offline plan of the initial batch, made with the predictor's lengths."""
     from ..planner.plan import make_plan
@@ -260,7 +276,8 @@ def build_hybrid(cluster: ClusterSpec, requests: list[Request], plan=None, predi
     if k["sort"] not in ("plan", "longest"):
         raise ConfigError(f"{cluster.source}: policy.hybrid.sort: expected 'plan' or 'longest', got {k['sort']!r}")
     predictor = predictor or make_predictor("oracle", requests)
-    plan, assignment = _planned(cluster, requests, plan, predictor, {"bands": plan_bands("hybrid", predictor), **plan_opts})
+    plan, assignment = _planned(cluster, requests, plan, predictor, {"bands": plan_bands("hybrid", predictor),
+                                "dispatch": plan_dispatch("hybrid", predictor, cluster), **plan_opts})
     # the online rule's settings the planner found faster on this batch (planner.plan.tune_rule);
     # never one the YAML sets
     given = set(cluster.policy.get("hybrid", {}))
