@@ -356,8 +356,12 @@ def test_run_with_a_missing_history_fails_before_ray(tmp_path):
 def test_run_online_lengths_repredicts_on_replicas(ray_session):
     from hybrid_ray.runtime import RunOptions, run
 
+    # plan routing: the queued requests wait on the replicas, where re-predictions reach them (with
+    # learned lengths one group binds late by default, and requests then wait centrally)
+    cluster, requests = load_inputs("paper_llama65b", "gsm8k", 150)
+    cluster = dataclasses.replace(cluster, policy={"hybrid": {"dispatch": "plan"}})
     res = run(RunOptions(config="paper_llama65b", policy="hybrid", lengths="online", limit=150, plan_method="lpt",
-                         cpus_per_replica=1.0, progress=False))
+                         cpus_per_replica=1.0, progress=False), cluster=cluster, requests=requests)
     s, data = res.summary, res.to_dict()
     assert s.requests_completed == 150 and s.length_predictor == "online"
     assert data["messages"]["set_predictions"] >= 1 and data["messages"]["repredict"] >= 4
