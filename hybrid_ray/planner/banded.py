@@ -34,6 +34,18 @@ def _prefix(x: np.ndarray) -> np.ndarray:
     return np.concatenate([[0.0], np.cumsum(x)])
 
 
+def _finish(slots: list[float], cap: int, steps: float) -> float:
+    """List scheduling on ``cap`` slots: a request of ``steps`` starts when the earliest slot frees."""
+    return (slots[0] if len(slots) >= cap else 0.0) + steps
+
+
+def _place(slots: list[float], cap: int, finish: float) -> None:
+    if len(slots) >= cap:
+        heapq.heapreplace(slots, finish)
+    else:
+        heapq.heappush(slots, finish)
+
+
 class _GroupTables:
     """What ``est`` adds up on one group, over requests sorted longest first."""
 
@@ -67,18 +79,14 @@ class _GroupTables:
         top = True
         while i <= j:
             k = i if top else j
-            full = len(slots) >= self.slots
-            fin = (slots[0] if full else 0.0) + o[k]
+            fin = _finish(slots, self.slots, o[k])
             d_lin, d_kv = lin_y[k + 1] - lin_y[k], kvs[k + 1] - kvs[k]
             if lin + d_lin + self.base * max(fin, span, (kv + d_kv) / self.kv) > limit:
                 if not top:
                     break
                 top = False                           # the band is full: fill with the shortest
                 continue
-            if full:
-                heapq.heapreplace(slots, fin)
-            else:
-                heapq.heappush(slots, fin)
+            _place(slots, self.slots, fin)
             span, lin, kv = max(span, fin), lin + d_lin, kv + d_kv
             if top:
                 i += 1
@@ -93,11 +101,8 @@ class _GroupTables:
         slots: list[float] = []
         span = 0.0
         for x in self.o[lo:hi]:
-            end = x if len(slots) < self.slots else slots[0] + x
-            if len(slots) < self.slots:
-                heapq.heappush(slots, end)
-            else:
-                heapq.heapreplace(slots, end)
+            end = _finish(slots, self.slots, x)
+            _place(slots, self.slots, end)
             span = end if end > span else span
         return self._cost(lo, hi, span)
 

@@ -147,15 +147,19 @@ def lower_bound(cluster: ClusterSpec, requests: list[Request]) -> LowerBound:
     p, o, a = _arrays(requests)
     a = a - a.min()
     terms = [_terms(g, p, o) for g in cluster.groups]
-    chain = np.min([_chain(g, t, p, o) for g, t in zip(cluster.groups, terms)], axis=0)
+    chains = [_chain(g, t, p, o) for g, t in zip(cluster.groups, terms)]
+    chain = np.min(chains, axis=0)
     ends = a + chain
     k = int(np.argmax(ends))
     chain_s = float(ends[k])
     works = [np.min([t.lin + w(t) for t in terms], axis=0) for w in _WORK_TERMS]
     work_s = max(_work_bound(a, w, cluster.num_replicas) for w in works)
-    if len(cluster.groups) > 1:
-        work_s = max(work_s, max(_lp_work(cluster, terms, w, p, o) for w in _WORK_TERMS))
     steps_s = _steps_bound(cluster, terms, o)
+    if len(cluster.groups) > 1:
+        pq, oq = _coarse(p, o)
+        tq = terms if pq is p else [_terms(g, pq, oq) for g in cluster.groups]
+        work_s = max(work_s, max(_lp_work(cluster, tq, w, pq, oq) for w in _WORK_TERMS))
+        steps_s = max(steps_s, _lp_longest(cluster, tq, chains, pq, oq, int(np.argmax(o)), float(o.max())))
     # shrink by a few ulps so float summation order can never lift the bound above a makespan
     value = max(chain_s, work_s, steps_s) * (1.0 - 1e-12)
     return LowerBound(value, chain_s, work_s, requests[k].id, steps_s)
@@ -183,21 +187,56 @@ def _work_bound(arrival: np.ndarray, work: np.ndarray, replicas: int) -> float:
     return float(np.max(a + suffix / replicas))
 
 
-def _lp_work(cluster: ClusterSpec, terms: list[_Terms], term, p: np.ndarray, o: np.ndarray) -> float:
-    """min T with a fractional assignment of every request to groups, each group's work at most
-    count * T (OR-Tools GLOP); requests with equal (prompt, output) merge into one type."""
+def _coarse(p: np.ndarray, o: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(p, o) itself if it has at most LP_MAX_TYPES distinct pairs; else each request rounded down
+    to the least prompt and output of its cell: k strata of equal count by output, each cut into k
+    cells by prompt (k*k <= LP_MAX_TYPES). Every term grows with p and o, so smaller requests give
+    a smaller, still valid, LP value."""
+    if np.unique(np.stack([p, o]), axis=1).shape[1] <= LP_MAX_TYPES:
+        return p, o
+    k = int(np.sqrt(LP_MAX_TYPES))
+    pq, oq = p.copy(), o.copy()
+    for stratum in np.array_split(np.argsort(o, kind="stable"), k):
+        for cell in np.array_split(stratum[np.argsort(p[stratum], kind="stable")], k):
+            if cell.size:
+                pq[cell] = p[cell].min()
+                oq[cell] = o[cell].min()
+    return pq, oq
+
+
+def _types(p: np.ndarray, o: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Requests with equal (prompt, output) merged into one type: (counts, first index, type of
+    each request); None past LP_MAX_TYPES."""
     keys, inv = np.unique(np.stack([p, o]), axis=1, return_inverse=True)
     if keys.shape[1] > LP_MAX_TYPES:
-        return 0.0
+        return None
     inv = inv.ravel()
     counts = np.bincount(inv).astype(np.float64)
     first = np.zeros(keys.shape[1], dtype=np.int64)
     first[inv[::-1]] = np.arange(len(inv))[::-1]
+    return counts, first, inv
+
+
+def _solve_min_makespan(solver, makespan) -> float:
+    from ortools.linear_solver import pywraplp
+    solver.Minimize(makespan)
+    if solver.Solve() != pywraplp.Solver.OPTIMAL:
+        return 0.0
+    # the LP's own optimum is a float answer: its dual bound is what is proven; GLOP's primal
+    # optimum equals it up to its tolerance, so shrink by that tolerance
+    return float(makespan.solution_value()) * (1.0 - 1e-7)
+
+
+def _lp_work(cluster: ClusterSpec, terms: list[_Terms], term, p: np.ndarray, o: np.ndarray) -> float:
+    """min T with a fractional assignment of every request to groups, each group's work at most
+    count * T (OR-Tools GLOP); requests with equal (prompt, output) merge into one type."""
+    types = _types(p, o)
     from ortools.linear_solver import pywraplp
 
     solver = pywraplp.Solver.CreateSolver("GLOP")
-    if solver is None:
+    if types is None or solver is None:
         return 0.0
+    counts, first, _ = types
     size = [(t.lin + term(t))[first] for t in terms]
     x = [[solver.NumVar(0.0, float(c), "") for c in counts] for _ in terms]
     makespan = solver.NumVar(0.0, solver.infinity(), "T")
@@ -205,12 +244,62 @@ def _lp_work(cluster: ClusterSpec, terms: list[_Terms], term, p: np.ndarray, o: 
         solver.Add(sum(x[gi][j] for gi in range(len(terms))) == float(c))
     for gi, g in enumerate(cluster.groups):
         solver.Add(sum(float(size[gi][j]) * x[gi][j] for j in range(len(counts))) <= g.count * makespan)
-    solver.Minimize(makespan)
-    if solver.Solve() != pywraplp.Solver.OPTIMAL:
+    return _solve_min_makespan(solver, makespan)
+
+
+def _lp_longest(cluster: ClusterSpec, terms: list[_Terms], chain: list[np.ndarray], p: np.ndarray,
+                o: np.ndarray, big: int, o_big: float, lams=(1.0, 0.75, 0.5, 0.25, 0.0)) -> float:
+    """The work LP with the replica h that runs the longest request L taken apart (mixed clusters).
+
+    A started request never leaves its replica, so h runs at least ``O_L`` iterations, each at
+    least ``m`` (mixed with the prefill line as in ``_mixed``), whether its batch is full or not:
+    ``m I + sum_{r on h} (lin'_r + pre_r) <= T`` with ``I >= O_L``, ``B I >= sum O_r`` and
+    ``K I >= sum KV_r``; the other replicas keep the work constraints, and L's own chain on that
+    group holds too. Which group holds L is unknown: the least over groups is the bound; a group
+    whose chain for L already reaches the least so far cannot lower it and is skipped. ``p`` and
+    ``o`` may be rounded down (``_coarse``); ``big`` indexes L and ``o_big`` is its exact output.
+    """
+    types = _types(p, o)
+    if types is None:
         return 0.0
-    # the LP's own optimum is a float answer: its dual bound is what is proven; GLOP's primal
-    # optimum equals it up to its tolerance, so shrink by that tolerance
-    return float(makespan.solution_value()) * (1.0 - 1e-7)
+    counts, first, inv = types
+    longest = int(inv[big])
+    from ortools.linear_solver import pywraplp
+
+    lin = [t.lin[first] for t in terms]
+    work = [[(t.lin + w(t))[first] for w in _WORK_TERMS] for t in terms]
+    least = np.inf
+    for gs in sorted(range(len(terms)), key=lambda k: float(chain[k][big])):
+        if chain[gs][big] >= least:
+            continue
+        solver = pywraplp.Solver.CreateSolver("GLOP")
+        if solver is None:
+            return 0.0
+        span = range(len(counts))
+        x = [[solver.NumVar(0.0, float(c), "") for c in counts] for _ in terms]
+        h = [solver.NumVar(0.0, float(c), "") for c in counts]
+        makespan = solver.NumVar(0.0, solver.infinity(), "T")
+        iters = solver.NumVar(o_big, solver.infinity(), "I")
+        for j, c in enumerate(counts):
+            solver.Add(sum(x[gi][j] for gi in range(len(terms))) + h[j] == float(c))
+        solver.Add(h[longest] >= 1.0)
+        for gi, g in enumerate(cluster.groups):              # every work row holds on the others
+            n = g.count - (gi == gs)
+            for size in work[gi]:
+                solver.Add(sum(float(size[j]) * x[gi][j] for j in span) <= n * makespan)
+        t = terms[gs]
+        for lam in lams:                                    # h: I iterations, each at least m (mixed)
+            own = lin[gs] + (lam * t.pre + (1 - lam) * t.pre_full)[first]
+            solver.Add((lam * t.m + (1 - lam) * t.m_pre) * iters
+                       + sum(float(own[j]) * h[j] for j in span) <= makespan)
+        solver.Add(sum(float((t.lin + t.y)[first][j]) * h[j] for j in span) <= makespan)
+        for share in ((t.o / t.batch)[first], (t.kv / t.kv_cap)[first]):       # iterations per batch, per KV
+            solver.Add(iters >= sum(float(share[j]) * h[j] for j in span))
+        v = _solve_min_makespan(solver, makespan)
+        if v <= 0.0:
+            return 0.0                        # no proven value for this group: claim nothing
+        least = min(least, max(v, float(chain[gs][big])))     # L runs on a replica of gs
+    return float(least) if np.isfinite(least) else 0.0
 
 
 def _steps_bound(cluster: ClusterSpec, terms: list[_Terms], o: np.ndarray, grid: int = 5) -> float:
@@ -229,10 +318,9 @@ def _steps_bound(cluster: ClusterSpec, terms: list[_Terms], o: np.ndarray, grid:
             return 0.0
     fr = np.linspace(0.0, 1.0, grid)
     best = 0.0
-    for mu, al, be in [(mu, al, be) for mu in fr[1:] for al in fr for be in fr if al + be <= 1 + 1e-9]:
+    # alpha > 0 only: without the 'longest' term the work bound covers it
+    for mu, al, be in [(mu, al, be) for mu in fr[1:] for al in fr[1:] for be in fr if al + be <= 1 + 1e-9]:
         ga = max(0.0, 1.0 - al - be)
-        if al == 0.0:
-            continue                                  # no 'longest' term: the work bound covers it
         size = np.stack([t.lin[order] + mu * (t.m * (be * out / t.batch + ga * t.kv[order] / t.kv_cap) + t.pre[order])
                          + (1 - mu) * t.y[order] for t in terms])
         ref = size.min(axis=0)
