@@ -13,6 +13,7 @@ import faulthandler
 import json
 import os
 import signal
+import time
 from contextlib import contextmanager
 
 import pytest
@@ -200,3 +201,32 @@ def test_controller_killed_after_the_last_request_finished(ray_session, tmp_path
     assert "Traceback" not in err
     data = json.loads((tmp_path / "m.json").read_text())
     assert data["requests_completed"] == 40 and data["controller_restarts"] == 0
+
+
+@pytest.mark.ray
+def test_a_slow_controller_start_fails_no_replica(ray_session, tmp_path, monkeypatch, capfd):
+    """Starting the new controller takes longer than the replicas' heartbeat timeout (as on a host
+    kept busy by other processes). The driver polls no replica meanwhile, so their heartbeat
+    windows restart when it is done: no replica is declared lost for the driver's own wait."""
+    ids = _workload(tmp_path / "wl.jsonl")
+    out = tmp_path / "out.jsonl"
+    seen = _signal_controller(monkeypatch, signal.SIGKILL)
+    new = driver_mod.Driver._new_controller
+
+    def slow(self, gen):
+        if gen:
+            time.sleep(3.0)                              # > poll wait + the 1 s heartbeat timeout below
+        return new(self, gen)
+
+    monkeypatch.setattr(driver_mod.Driver, "_new_controller", slow)
+    # the death is seen by a route call's answer, after this loop round collected the replicas'
+    # answers (the ping would see it first, at the top of the round, more often than not)
+    monkeypatch.setattr(driver_mod.Driver, "_check_controller", lambda self, now: False)
+    with _hang_guard():
+        rc = main(_run_args(tmp_path, "baseline", out, heartbeat=1))
+    err = capfd.readouterr().err
+    assert rc == 0, err[-3000:]
+    assert seen["done"] < N                              # signalled mid-run
+    _ids_once(out, ids)
+    data = json.loads((tmp_path / "m.json").read_text())
+    assert data["controller_restarts"] == 1 and data["failed_replicas"] == 0
