@@ -158,8 +158,9 @@ def lower_bound(cluster: ClusterSpec, requests: list[Request]) -> LowerBound:
     if len(cluster.groups) > 1:
         pq, oq = _coarse(p, o)
         tq = terms if pq is p else [_terms(g, pq, oq) for g in cluster.groups]
-        work_s = max(work_s, max(_lp_work(cluster, tq, w, pq, oq) for w in _WORK_TERMS))
-        steps_s = max(steps_s, _lp_longest(cluster, tq, chains, pq, oq, int(np.argmax(o)), float(o.max())))
+        types = _types(pq, oq)                     # once: every LP below merges the same requests
+        work_s = max(work_s, max(_lp_work(cluster, tq, w, types) for w in _WORK_TERMS))
+        steps_s = max(steps_s, _lp_longest(cluster, tq, chains, types, int(np.argmax(o)), float(o.max())))
     # shrink by a few ulps so float summation order can never lift the bound above a makespan
     value = max(chain_s, work_s, steps_s) * (1.0 - 1e-12)
     return LowerBound(value, chain_s, work_s, requests[k].id, steps_s)
@@ -227,10 +228,9 @@ def _solve_min_makespan(solver, makespan) -> float:
     return float(makespan.solution_value()) * (1.0 - 1e-7)
 
 
-def _lp_work(cluster: ClusterSpec, terms: list[_Terms], term, p: np.ndarray, o: np.ndarray) -> float:
+def _lp_work(cluster: ClusterSpec, terms: list[_Terms], term, types) -> float:
     """min T with a fractional assignment of every request to groups, each group's work at most
-    count * T (OR-Tools GLOP); requests with equal (prompt, output) merge into one type."""
-    types = _types(p, o)
+    count * T (OR-Tools GLOP); requests with equal (prompt, output) merge into one type (``_types``)."""
     from ortools.linear_solver import pywraplp
 
     solver = pywraplp.Solver.CreateSolver("GLOP")
@@ -247,8 +247,8 @@ def _lp_work(cluster: ClusterSpec, terms: list[_Terms], term, p: np.ndarray, o: 
     return _solve_min_makespan(solver, makespan)
 
 
-def _lp_longest(cluster: ClusterSpec, terms: list[_Terms], chain: list[np.ndarray], p: np.ndarray,
-                o: np.ndarray, big: int, o_big: float, lams=(1.0, 0.75, 0.5, 0.25, 0.0)) -> float:
+def _lp_longest(cluster: ClusterSpec, terms: list[_Terms], chain: list[np.ndarray], types,
+                big: int, o_big: float, lams=(1.0, 0.75, 0.5, 0.25, 0.0)) -> float:
     """The work LP with the replica h that runs the longest request L taken apart (mixed clusters).
 
     A started request never leaves its replica, so h runs at least ``O_L`` iterations, each at
@@ -256,10 +256,10 @@ def _lp_longest(cluster: ClusterSpec, terms: list[_Terms], chain: list[np.ndarra
     ``m I + sum_{r on h} (lin'_r + pre_r) <= T`` with ``I >= O_L``, ``B I >= sum O_r`` and
     ``K I >= sum KV_r``; the other replicas keep the work constraints, and L's own chain on that
     group holds too. Which group holds L is unknown: the least over groups is the bound; a group
-    whose chain for L already reaches the least so far cannot lower it and is skipped. ``p`` and
-    ``o`` may be rounded down (``_coarse``); ``big`` indexes L and ``o_big`` is its exact output.
+    whose chain for L already reaches the least so far cannot lower it and is skipped. Requests
+    may be rounded down (``_coarse``) before ``_types`` merges them; ``big`` indexes L and
+    ``o_big`` is its exact output.
     """
-    types = _types(p, o)
     if types is None:
         return 0.0
     counts, first, inv = types
