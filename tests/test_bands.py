@@ -53,18 +53,22 @@ def test_bands_cover_every_request_once_and_put_the_longest_together(h100):
 
 
 def test_planner_keeps_bands_when_the_simulated_hybrid_is_faster(h100, h100_plans):
+    """h100 x GSM8K: the longest requests together (bands, or tiers: only those no full replica
+    can run) beat the work-balanced packing by over 10 %; the planner keeps the fastest."""
     cl, reqs = h100
     auto, packed = h100_plans
-    assert auto.info["chosen"] == "bands" and auto.method == "bands" and packed.info.get("bands") is False
     scores = auto.info["candidates"]
-    assert scores["bands"] < scores["pack"]
+    chosen = auto.info["chosen"]
+    assert chosen in ("bands", "bands-slots", "tiers") and auto.method in ("bands", "tiers")
+    assert packed.info.get("bands") is False
+    assert scores[chosen] == min(scores.values()) and scores["bands"] < scores["pack"]
     runs = {name: summarize(simulate(cl, build_scheduler("hybrid", cl, reqs, plan=plan), reqs))
-            for name, plan in (("bands", auto), ("pack", packed))}
-    assert runs["bands"].makespan_s == pytest.approx(scores["bands"])         # the planner's own simulation
-    assert runs["bands"].makespan_s < 0.9 * runs["pack"].makespan_s
-    # the band estimate predicts each replica's simulated finish closely
-    for name, finish in runs["bands"].replica_finish_s.items():
-        assert auto.predicted_finish_s[name] == pytest.approx(finish, rel=0.05)
+            for name, plan in ((chosen, auto), ("pack", packed))}
+    assert runs[chosen].makespan_s == pytest.approx(scores[chosen])         # the planner's own simulation
+    assert runs[chosen].makespan_s < 0.9 * runs["pack"].makespan_s
+    # the band estimate (the model both cut with) predicts each replica's simulated finish closely
+    for name, finish in runs[chosen].replica_finish_s.items():
+        assert auto.predicted_finish_s[name] == pytest.approx(finish, rel=0.06)
 
 
 def test_banded_plan_with_exact_lengths_makes_no_moves(h100, h100_plans):
@@ -184,3 +188,54 @@ def test_planner_tunes_the_online_rule_but_never_a_knob_the_yaml_sets():
     # with learned lengths (or for the offline policy) nothing is tuned: bands off, no rule
     sch = build_scheduler("hybrid", cl, reqs, lengths="online")
     assert "rule" not in sch.info["plan"].info and sch.info["plan"].info.get("bands") is False
+
+
+def _exact_start_up(g: ReplicaGroupSpec, prompts: list[int], lam: float = 1.0) -> float:
+    """The start-up cost ``bounds._ramp`` bounds, by a DP over every integer token program: each
+    iteration carries a >= 1 prompt tokens and costs lam*e(a) + m_lam*(B - N)/B (no grid)."""
+    pc = g.cost_model.prefill
+    m, rho = bounds.iteration_floor(g)
+    b = len(prompts)
+    price = (lam * m + (1 - lam) * min(pc.base_s, m)) / b
+    prefix = np.cumsum([0] + sorted(prompts))
+    total = int(prefix[-1])
+    whole = np.searchsorted(prefix, np.arange(total + 1), side="right") - 1
+    a = np.arange(total + 1, dtype=float)
+    excess = lam * np.maximum(0.0, pc.base_s + pc.per_token_s * a - m - rho * a)
+    cost = np.full(total + 1, np.inf)
+    cost[0] = 0.0
+    for c in range(1, total + 1):
+        cost[c] = np.min(cost[:c] + excess[c:0:-1]) + price * (b - whole[c])
+    return float(cost[total])
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.5])
+@pytest.mark.parametrize("prompts", [[180, 260, 410], [600, 700, 900, 1500]])
+def test_start_up_bound_is_below_every_integer_prefill_program(lam, prompts):
+    """The grid DP rounds cumulative tokens up and charges each step one grid unit less: never above
+    the exact optimum over integer programs, and close to it."""
+    g = ReplicaGroupSpec("g", 1, len(prompts), 10_000, COST)
+    exact = _exact_start_up(g, prompts, lam)
+    got = bounds._ramp(g, np.array(prompts, float), o_min=10_000.0, lam=lam)   # a long run: fill the batch
+    assert 0.0 < got <= exact
+    assert got >= 0.95 * exact
+
+
+def test_start_up_is_free_when_the_whole_first_batch_fits_one_cheap_prefill():
+    g = ReplicaGroupSpec("g", 1, 3, 10_000, COST)
+    # 120 tokens ride below the prefill floor's sweet spot; at lam = 0 no prefill costs extra
+    assert bounds._ramp(g, np.array([30.0, 40.0, 50.0]), 1e4, 1.0) == 0.0
+    assert bounds._ramp(g, np.array([600.0, 700.0, 900.0]), 1e4, 0.0) == 0.0
+
+
+def test_start_up_lifts_the_single_group_bound_and_stays_below_every_run(monkeypatch):
+    cl, reqs = load_inputs("local", "gsm8k")
+    with_ramp = lower_bound(cl, reqs)
+    monkeypatch.setattr(bounds, "_ramp", lambda *a, **k: 0.0)
+    without = lower_bound(cl, reqs)
+    # the first prefill of a batch of 64 costs every replica about 0.02 s more than the work terms
+    assert with_ramp.value_s > without.value_s + 0.01
+    monkeypatch.undo()
+    for policy in ("hybrid", "vllm", "baseline"):
+        ms = simulate(cl, build_scheduler(policy, cl, reqs), reqs).makespan_s
+        assert ms >= with_ramp.value_s

@@ -34,7 +34,8 @@ maximum:
   what a prompt adds on top of the iteration it rides in. With arrivals, the requests
   arriving at or after t need ``t + their work / R``. With several groups, the cheapest group
   for every request overstates capacity; a linear program over fractional assignments
-  (OR-Tools GLOP) gives a tighter, still valid, value.
+  (OR-Tools GLOP) gives a tighter, still valid, value. Every replica that holds a request also
+  pays its start-up (``_ramp``): empty slots and dear prefills before its first batch is whole.
 * **steps**: a replica holding set S runs at least ``max_r O_r`` iterations, so
   ``T >= lin'(S) + m * max(max O, sum O / B, sum KV / K)`` (and ``>= lin'(S) + y(S)``). Which
   replica holds the longest requests is unknown: mixing the terms with weights and relaxing to
@@ -155,12 +156,23 @@ def lower_bound(cluster: ClusterSpec, requests: list[Request]) -> LowerBound:
     works = [np.min([t.lin + w(t) for t in terms], axis=0) for w in _WORK_TERMS]
     work_s = max(_work_bound(a, w, cluster.num_replicas) for w in works)
     steps_s = _steps_bound(cluster, terms, o)
-    if len(cluster.groups) > 1:
+    most = min(len(p), int(max(t.batch for t in terms)))
+    p_small = np.partition(p, most - 1)[:most]          # the smallest prompts: any replica's first batch
+    ramps = [[_ramp(g, p_small, float(o.min()), lam) if lam is not None else 0.0 for lam in _RAMP_LAMS]
+             for g in cluster.groups]
+    if len(cluster.groups) == 1:               # every replica that holds a request starts up
+        work_s = max(work_s, max(float(w.sum()) / cluster.num_replicas + r for w, r in zip(works, ramps[0])))
+    else:
+        # the LP rows subtract each replica's start-up from its T; valid when no schedule ends
+        # before a start-up (the bound without them already says so)
+        if max(map(max, ramps)) > max(chain_s, work_s, steps_s):
+            ramps = [[0.0] * len(_WORK_TERMS) for _ in cluster.groups]
         pq, oq = _coarse(p, o)
         tq = terms if pq is p else [_terms(g, pq, oq) for g in cluster.groups]
         types = _types(pq, oq)                     # once: every LP below merges the same requests
-        work_s = max(work_s, max(_lp_work(cluster, tq, w, types) for w in _WORK_TERMS))
-        steps_s = max(steps_s, _lp_longest(cluster, tq, chains, types, int(np.argmax(o)), float(o.max())))
+        work_s = max(work_s, max(_lp_work(cluster, tq, w, types, [r[j] for r in ramps])
+                                 for j, w in enumerate(_WORK_TERMS)))
+        steps_s = max(steps_s, _lp_longest(cluster, tq, chains, types, int(np.argmax(o)), float(o.max()), ramps))
     # shrink by a few ulps so float summation order can never lift the bound above a makespan
     value = max(chain_s, work_s, steps_s) * (1.0 - 1e-12)
     return LowerBound(value, chain_s, work_s, requests[k].id, steps_s)
@@ -176,8 +188,58 @@ def _mixed(lam: float, share):
 # the work terms a request adds beyond lin': iterations (over the batch, or over the KV cache)
 # priced with the prefill tokens they carry at a mix of the two per-iteration bounds; and its
 # first prefill alone
-_WORK_TERMS = tuple(_mixed(lam, share) for lam in (1.0, 0.75, 0.5, 0.25, 0.0)
+_LAMS = (1.0, 0.75, 0.5, 0.25, 0.0)
+_WORK_TERMS = tuple(_mixed(lam, share) for lam in _LAMS
                     for share in (lambda t: t.o / t.batch, lambda t: t.kv / t.kv_cap)) + (lambda t: t.y,)
+# the mix of each work term that counts iterations over the batch (a replica's start-up adds to
+# those: ``_ramp``); None for the others
+_RAMP_LAMS = tuple(x for lam in _LAMS for x in (lam, None)) + (None,)
+RAMP_GRID = 256              # cumulative prompt-token points of the start-up program
+
+
+def _ramp(g: ReplicaGroupSpec, p_small: np.ndarray, o_min: float, lam: float) -> float:
+    """Least start-up cost of a replica of g that holds any request, beyond its requests' work terms.
+
+    Its ``I`` iterations have ``B I = sum O + E`` token slots, E of them empty, and the work term
+    (mix ``lam``) counts only ``sum O / B`` iterations at ``m_lam = lam m + (1 - lam) m_pre``; an
+    iteration carrying ``a > 0`` first-prefill tokens also costs ``lam * e(a)`` more than its
+    term, ``e(a) = max(0, prefill.base + per_token a - m - rho a)``. Before the batch is full the
+    slots must stay empty: after iteration i at most ``N_i`` requests have whole prompts, those
+    prompts hold at least the ``N_i`` smallest prompts' tokens ``S(N_i)``, and iteration i has at
+    least ``B - N_i`` empty slots. So the replica pays at least
+
+        min over prefill programs of  sum_i [ lam e(a_i) + m_lam (B - N_i) / B ]
+
+    until ``N_i = B``, a shortest path over cumulative prompt tokens (grid points rounded up, which
+    only lowers it: ``N`` can only grow and ``e`` is charged one grid step less). A replica that
+    holds ``n < B`` requests pays until ``N = n`` and at least ``m_lam (B - n) / B`` in each of at
+    least ``o_min`` iterations; the least over n is the value."""
+    pc = g.cost_model.prefill
+    m, rho = iteration_floor(g)
+    b = int(min(g.max_batch_size, g.kv_capacity_tokens))
+    n_max = min(b, len(p_small))
+    if n_max < 1 or lam <= 0.0 and m <= 0.0:
+        return 0.0
+    price = (lam * m + (1.0 - lam) * min(pc.base_s, m)) / b
+    prefix = np.concatenate([[0.0], np.cumsum(np.sort(p_small)[:n_max])])
+    step = max(1.0, float(np.ceil(prefix[-1] / RAMP_GRID)))
+    k_max = int(np.ceil(prefix[-1] / step))
+    points = np.arange(k_max + 1) * step
+    whole = np.searchsorted(prefix, points, side="right") - 1         # N at each cumulative point
+    loss = price * (b - whole)
+    short = np.maximum(points - step, 0.0)                            # a step of k units: (k - 1) units
+    excess = lam * np.maximum(0.0, pc.base_s + pc.per_token_s * short - m - rho * short)
+    cost = np.full(k_max + 1, np.inf)
+    cost[0] = 0.0
+    for k in range(1, k_max + 1):
+        cost[k] = float(np.min(cost[:k] + excess[k:0:-1])) + loss[k]
+    reach = np.full(n_max + 1, np.inf)                               # least cost to hold n whole
+    np.minimum.at(reach, whole, cost)
+    reach = np.minimum.accumulate(reach[::-1])[::-1]
+    best = float(reach[b]) if n_max == b else np.inf
+    for n in range(1, min(n_max, b - 1) + 1):
+        best = min(best, max(float(reach[n]), price * (b - n) * o_min))
+    return best if np.isfinite(best) else 0.0
 
 
 def _work_bound(arrival: np.ndarray, work: np.ndarray, replicas: int) -> float:
@@ -228,9 +290,10 @@ def _solve_min_makespan(solver, makespan) -> float:
     return float(makespan.solution_value()) * (1.0 - 1e-7)
 
 
-def _lp_work(cluster: ClusterSpec, terms: list[_Terms], term, types) -> float:
+def _lp_work(cluster: ClusterSpec, terms: list[_Terms], term, types, ramp: list[float]) -> float:
     """min T with a fractional assignment of every request to groups, each group's work at most
-    count * T (OR-Tools GLOP); requests with equal (prompt, output) merge into one type (``_types``)."""
+    count * (T - ramp) (OR-Tools GLOP; ``ramp``: each group's start-up, ``_ramp``); requests with
+    equal (prompt, output) merge into one type (``_types``)."""
     from ortools.linear_solver import pywraplp
 
     solver = pywraplp.Solver.CreateSolver("GLOP")
@@ -243,12 +306,13 @@ def _lp_work(cluster: ClusterSpec, terms: list[_Terms], term, types) -> float:
     for j, c in enumerate(counts):
         solver.Add(sum(x[gi][j] for gi in range(len(terms))) == float(c))
     for gi, g in enumerate(cluster.groups):
-        solver.Add(sum(float(size[gi][j]) * x[gi][j] for j in range(len(counts))) <= g.count * makespan)
+        solver.Add(sum(float(size[gi][j]) * x[gi][j] for j in range(len(counts)))
+                   <= g.count * makespan - g.count * ramp[gi])
     return _solve_min_makespan(solver, makespan)
 
 
 def _lp_longest(cluster: ClusterSpec, terms: list[_Terms], chain: list[np.ndarray], types,
-                big: int, o_big: float, lams=(1.0, 0.75, 0.5, 0.25, 0.0)) -> float:
+                big: int, o_big: float, ramps: list[list[float]], lams=_LAMS) -> float:
     """The work LP with the replica h that runs the longest request L taken apart (mixed clusters).
 
     A started request never leaves its replica, so h runs at least ``O_L`` iterations, each at
@@ -258,7 +322,8 @@ def _lp_longest(cluster: ClusterSpec, terms: list[_Terms], chain: list[np.ndarra
     group holds too. Which group holds L is unknown: the least over groups is the bound; a group
     whose chain for L already reaches the least so far cannot lower it and is skipped. Requests
     may be rounded down (``_coarse``) before ``_types`` merges them; ``big`` indexes L and
-    ``o_big`` is its exact output.
+    ``o_big`` is its exact output. ``ramps[g][j]``: the start-up a replica of group g adds to work
+    term j (``_ramp``), charged on the other replicas only (h's empty slots are inside its I).
     """
     if types is None:
         return 0.0
@@ -285,8 +350,8 @@ def _lp_longest(cluster: ClusterSpec, terms: list[_Terms], chain: list[np.ndarra
         solver.Add(h[longest] >= 1.0)
         for gi, g in enumerate(cluster.groups):              # every work row holds on the others
             n = g.count - (gi == gs)
-            for size in work[gi]:
-                solver.Add(sum(float(size[j]) * x[gi][j] for j in span) <= n * makespan)
+            for size, ramp in zip(work[gi], ramps[gi]):
+                solver.Add(sum(float(size[j]) * x[gi][j] for j in span) <= n * makespan - n * ramp)
         t = terms[gs]
         for lam in lams:                                    # h: I iterations, each at least m (mixed)
             own = lin[gs] + (lam * t.pre + (1 - lam) * t.pre_full)[first]
