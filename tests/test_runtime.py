@@ -112,9 +112,21 @@ def _ids_once(path, expected):
 
 @pytest.mark.ray
 def test_plan_dispatch_complete(ray_session, tmp_path):
-    """offline: plan in the PlannerActor, dispatch, every request once; same plan in the simulator agrees."""
+    """offline: plan in the PlannerActor, dispatch, every request once; same plan in the simulator
+    agrees. A library caller's SIGTERM handler is its own again after the run."""
+    import signal
+
     out = tmp_path / "res.jsonl"
-    res = run(RunOptions(policy="offline", limit=120, output=str(out), plan_method="lpt", **PAPER))
+
+    def callers_handler(signum, frame):
+        pass
+
+    prev = signal.signal(signal.SIGTERM, callers_handler)
+    try:
+        res = run(RunOptions(policy="offline", limit=120, output=str(out), plan_method="lpt", **PAPER))
+        assert signal.getsignal(signal.SIGTERM) is callers_handler
+    finally:
+        signal.signal(signal.SIGTERM, prev)
     cluster, requests = load_inputs("paper_llama65b", "gsm8k", 120)
     _ids_once(out, [q.id for q in requests])
     data = res.to_dict()

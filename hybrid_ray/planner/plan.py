@@ -17,9 +17,9 @@ from ..workload import Request
 from .banded import banded_assignment, estimated_finish
 from .binpack import deterministic_budget, pack
 from .bounds import lower_bound
+from .estimate import latency_matrix, work_matrix
 from .slots import slot_balanced_order
 from .tiered import tiered_assignment
-from .estimate import latency_matrix, work_matrix
 
 METHODS = ("cpsat", "lpt", "multifit", "kk")
 ORDERS = ("auto", "short-tail", "longest", "slots")
