@@ -128,7 +128,10 @@ def _add_deterministic_time(p: argparse.ArgumentParser) -> None:
 def _assignment_note(plan) -> str:
     """Which candidate assignment the planner kept, and the simulated (or estimated) makespans."""
     scores = plan.info.get("candidates")
-    kind = "length bands" if plan.info.get("bands") else "work-balanced packing"
+    kind = ("tiered assignment" if plan.method == "tiers" else "late binding" if plan.method == "bounded"
+            else "length bands" if plan.info.get("bands") else "work-balanced packing")
+    if plan.info.get("start") == "slots":
+        kind += ", slot-balanced start order"
     if not scores:
         return kind
     how = "simulated hybrid" if plan.info.get("simulated", True) else "estimate"
