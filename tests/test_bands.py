@@ -13,7 +13,7 @@ from hybrid_ray.metrics import summarize
 from hybrid_ray.planner.banded import banded_assignment, estimated_finish
 from hybrid_ray.planner import bounds
 from hybrid_ray.planner.bounds import _WORK_TERMS, _coarse, _terms, _work_bound, lower_bound
-from hybrid_ray.planner.plan import make_plan
+from hybrid_ray.planner.plan import RULES, make_plan
 from hybrid_ray.policies import build_scheduler, plan_bands, policy_names
 from hybrid_ray.policies.controller import RebalanceController
 from hybrid_ray.policies.predict import make_predictor
@@ -66,9 +66,11 @@ def test_planner_keeps_bands_when_the_simulated_hybrid_is_faster(h100, h100_plan
             for name, plan in ((chosen, auto), ("pack", packed))}
     assert runs[chosen].makespan_s == pytest.approx(scores[chosen])         # the planner's own simulation
     assert runs[chosen].makespan_s < 0.9 * runs["pack"].makespan_s
-    # the band estimate (the model both cut with) predicts each replica's simulated finish closely
+    # the band estimate (the model both cut with) predicts each replica's simulated finish closely,
+    # from above: it prices every prompt at its full prefill price, which the run's start-up program
+    # and mixed steps undercut (by up to 7.3 % on the full replicas, 0.2 % on the long runs)
     for name, finish in runs[chosen].replica_finish_s.items():
-        assert auto.predicted_finish_s[name] == pytest.approx(finish, rel=0.06)
+        assert finish * 0.99 <= auto.predicted_finish_s[name] <= finish * 1.08
 
 
 def test_banded_plan_with_exact_lengths_makes_no_moves(h100, h100_plans):
@@ -177,7 +179,7 @@ def test_planner_tunes_the_online_rule_but_never_a_knob_the_yaml_sets():
     reqs = reqs[:300]
     plan = make_plan(cl, reqs)
     tried = plan.info["rules_tried"]
-    assert "default" in tried and len(tried) == 5
+    assert "default" in tried and len(tried) == 1 + len(RULES)
     # the kept rule is the fastest tried, and the run under it is what the planner simulated
     assert plan.info["candidates"][plan.info["chosen"]] == pytest.approx(min(tried.values()))
     ms = simulate(cl, build_scheduler("hybrid", cl, reqs, plan=plan), reqs).makespan_s

@@ -77,3 +77,28 @@ def test_planner_keeps_the_slot_order_when_it_shortens_the_drain(local):
     for r in rec.replicas:
         tail = [it.batch for it in r.records[-50:]]
         assert np.mean(tail) > 0.5 * r.max_batch
+
+
+def test_first_wave_starts_fullest_slot_first_with_its_shortest_prompt():
+    """The first wave (one starter per slot) is ordered by its slot's load, fullest first, so the
+    slots a start-up program reaches last are the emptiest; each starter is its slot's shortest prompt."""
+    from hybrid_ray.planner.slots import _lpt_exchange, _start_order
+
+    rng = np.random.default_rng(5)
+    n, batch = 700, 64
+    steps = rng.integers(20, 300, n).astype(float)
+    prompts = rng.integers(10, 200, n)
+    idx = np.arange(n) + 100
+    length = steps + ADMIT_STEPS
+    slots = _lpt_exchange(length, batch, 4096)
+    pos = _start_order(slots, length, idx, prompts)
+    assert sorted(pos.tolist()) == list(range(n))
+    slot_of = {k: j for j, s in enumerate(slots) for k in s}
+    load = [float(length[s].sum()) for s in slots]
+    first = pos[:batch].tolist()
+    assert sorted(slot_of[k] for k in first) == list(range(batch))          # one starter per slot
+    loads = [load[slot_of[k]] for k in first]
+    assert all(a >= b for a, b in zip(loads, loads[1:]))
+    assert loads[0] > loads[-1]                                             # the order is not vacuous
+    for k in first:
+        assert prompts[k] == min(prompts[j] for j in slots[slot_of[k]])

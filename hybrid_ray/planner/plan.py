@@ -190,10 +190,12 @@ SIMULATE_MAX = 20_000       # requests up to which candidate plans are compared 
 TUNE_MAX = 5_000            # requests up to which the online rule's settings are compared too
 # settings of the hybrid's online rule (policy.hybrid knobs) the planner may try on its plan: a
 # steeper slot price (insert prefills sooner; 1e6: whenever a slot frees, as vLLM v1 does),
-# longest-predicted-first queues instead of the plan's start order, and all of vLLM v1's habits
-# at once (chunks up to the group's token budget). Knobs the cluster YAML sets are never overridden.
-RULES: tuple[dict, ...] = ({"multiplier": 2.0}, {"multiplier": 1e6}, {"sort": "longest"},
-                           {"multiplier": 1e6, "sort": "longest", "chunk_tokens": 1 << 20})
+# longest-predicted-first queues instead of the plan's start order, an idle replica's start-up
+# program in the plan's order instead of shortest prompts first, and all of vLLM v1's habits at
+# once (chunks up to the group's token budget, no start-up program). Knobs the cluster YAML sets
+# are never overridden.
+RULES: tuple[dict, ...] = ({"multiplier": 2.0}, {"multiplier": 1e6}, {"sort": "longest"}, {"ramp": "plan"},
+                           {"multiplier": 1e6, "sort": "longest", "chunk_tokens": 1 << 20, "ramp": "off"})
 
 
 def _simulate_hybrid(cluster: ClusterSpec, batch: list[Request], plan: Plan, finishes: list | None = None) -> float:
@@ -207,7 +209,7 @@ def _simulate_hybrid(cluster: ClusterSpec, batch: list[Request], plan: Plan, fin
     return rec.makespan_s
 
 
-CALIBRATIONS = 4            # re-plans of the tiered assignment with the simulator's per-replica correction
+CALIBRATIONS = 6            # re-plans of the tiered assignment with the simulator's per-replica correction
 
 
 def calibrated_tiers(cluster: ClusterSpec, batch: list[Request], prompt: np.ndarray, output: np.ndarray,

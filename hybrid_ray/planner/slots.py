@@ -71,17 +71,20 @@ def _multifit(length: np.ndarray, batch: int) -> list[list[int]]:
 
 def _start_order(slots: list[list[int]], length: np.ndarray, idx: np.ndarray,
                  prompts: np.ndarray | None) -> np.ndarray:
-    """Positions (into idx) by planned start; each slot's shortest prompt first, then longest first."""
+    """Positions (into idx) by planned start; each slot's shortest prompt first, then longest first.
+    The first wave is ordered by slot load, fullest first: a replica's start-up program may start
+    the last of them a few iterations late (``policies.lagrangian``), which the emptiest slots absorb."""
     starts, keys, members = [], [], []
     for s in slots:
+        load = float(length[s].sum()) if s else 0.0
         s = sorted(s, key=lambda k: (-length[k], idx[k]))
         if prompts is not None and s:
             first = min(range(len(s)), key=lambda i: (prompts[s[i]], i))
             s.insert(0, s.pop(first))
         t = 0.0
-        for k in s:
+        for i, k in enumerate(s):
             starts.append(t)
-            keys.append(-length[k])
+            keys.append(-load if i == 0 else -length[k])      # the first wave: fullest slot first
             members.append(k)
             t += length[k]
     members_arr = np.asarray(members, dtype=np.int64)

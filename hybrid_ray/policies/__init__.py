@@ -15,7 +15,7 @@ from .base import Scheduler
 from .chunked import ChunkedPrefill
 from .controller import RebalanceController
 from .fcfs import FCFSPrefillFirst
-from .lagrangian import LagrangianPolicy
+from .lagrangian import RAMPS, LagrangianPolicy
 from .predict import make_predictor
 from .raydata import RayDataDispatcher
 from .routing import EarliestFinishRouter, LeastLoadedRouter, PlanRouter, RoundRobinRouter
@@ -27,7 +27,7 @@ KNOBS: dict[str, dict[str, object]] = {
     "chunked": {"token_budget": 512},
     "raydata": {"batch_size": 32, "max_concurrent_batches": 8},
     "serve": {"max_ongoing_requests": 0},          # 0: 2 x each replica's max_batch_size
-    "hybrid": {"multiplier": 1.0, "allow_mixed": True, "chunk_tokens": 512, "horizon": 32, "sort": "plan",
+    "hybrid": {"multiplier": 1.0, "allow_mixed": True, "chunk_tokens": 512, "horizon": 32, "ramp": "shortest", "sort": "plan",
                "interval_s": 1.0, "threshold_s": 0.5, "rel_threshold": 0.01, "max_moves": 4,
                "dispatch": "auto"},
 }
@@ -79,7 +79,8 @@ KNOB_RANGES: dict[str, dict[str, KnobRange]] = {
     "serve": {"max_ongoing_requests": KnobRange("int", 0, note="0: 2 x each replica's max_batch_size")},
     "hybrid": {"multiplier": KnobRange("float", 0), "allow_mixed": KnobRange("bool"),
                "chunk_tokens": KnobRange("int", 0, note="0: mixed insertions are not chunked"),
-               "horizon": _INT1, "sort": KnobRange("choice", choices=("plan", "longest")),
+               "horizon": _INT1, "ramp": KnobRange("choice", choices=RAMPS),
+               "sort": KnobRange("choice", choices=("plan", "longest")),
                # a tick below a millisecond of modelled time would make the controller run forever
                "interval_s": KnobRange("float", 1e-3, note="seconds between rebalancing rounds"),
                "threshold_s": KnobRange("float", 0), "rel_threshold": KnobRange("float", 0),
@@ -292,7 +293,7 @@ def build_hybrid(cluster: ClusterSpec, requests: list[Request], plan=None, predi
 
     mult, mixed, horizon, chunk = float(k["multiplier"]), bool(k["allow_mixed"]), int(k["horizon"]), int(k["chunk_tokens"])
     sch = Scheduler("hybrid", PlanRouter(assignment, EarliestFinishRouter(work_of)),
-                    lambda r: SortedQueue(LagrangianPolicy(mult, mixed, horizon, chunk)),
+                    lambda r: SortedQueue(LagrangianPolicy(mult, mixed, horizon, chunk, str(k["ramp"]))),
                     RebalanceController(float(k["interval_s"]), float(k["threshold_s"]),
                                         float(k["rel_threshold"]), int(k["max_moves"]),
                                         keep_plan_profile=bool(plan.info.get("bands"))),

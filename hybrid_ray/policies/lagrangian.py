@@ -27,24 +27,95 @@ admitted request* minimises the total time, so the rule inserts now iff::
 
 With lambda -> infinity it is FCFS prefill-first (never leave a slot empty); with lambda -> 0 it
 waits to batch as many prompts as possible. It decides with predicted lengths only.
+
+Start-up (``ramp``). An idle replica facing a queue fills its batch by a *start-up program*
+(``startup_program``): the queue's first request, then the shortest of its next prompts, in
+groups, each group riding on the decode step of those already in. It trades the prefill's cost
+above the decode step against the empty slot-steps (priced at mu each) until the batch is whole,
+exactly (a shortest path over how many prompts are in; once per idle start, ~0.9 ms at batch
+128). One prefill of every prompt stalls nothing but costs its full per-token
+price; a trickle fills slowly; the program is the least total of the two losses.
 """
 from __future__ import annotations
 
-from ..replica import DECODE, MIXED, PREFILL, Iteration, ReplicaState, Sequence
+import numpy as np
+
+from ..costmodel import CostModel
+from ..replica import DECODE, MIXED, PREFILL, WAITING, Iteration, ReplicaState, Sequence
 from .fcfs import admit_in_order
+
+RAMPS = ("shortest", "plan", "off")     # start-up program orders (LagrangianPolicy._start), or none
+
+
+def startup_program(cost: CostModel, prompts: list[int], batch: int, budget: int, mu: float) -> list[int]:
+    """Sizes of the prompt groups that fill an idle replica, ``prompts`` ascending.
+
+    Group i (prompts n_{i-1}..n_i, ``a`` tokens) costs the replica its prefill beyond one decode
+    step, ``max(decode.base, prefill(a)) - decode.base`` (the first group: ``prefill(a) - decode.base``,
+    nothing decodes yet), plus ``mu`` per empty slot, ``batch - n_i``. Every token's own decode
+    cost is paid whatever the program, so the least sum of those two is the fastest start-up: a
+    shortest path over ``n`` (O(N^2), once per idle start). ``budget``: the token budget an
+    iteration (its prompts plus one token per decoding sequence) must keep, unless a group is a
+    single prompt.
+    """
+    n = len(prompts)
+    if n <= 1:
+        return [n] if n else []
+    pc, base = cost.prefill, cost.decode.base_s
+    q = np.asarray(prompts, dtype=np.float64)
+    tok = np.concatenate([[0.0], np.cumsum(q)])
+    sq = np.concatenate([[0.0], np.cumsum(q * q)])
+    a = tok[None, :] - tok[:, None]                       # a[i, j]: tokens of prompts i..j-1
+    pre = np.maximum(pc.floor_s, pc.base_s + pc.per_token_s * a) + pc.per_token_sq_s * (sq[None, :] - sq[:, None])
+    step = np.maximum(pre, base) - base
+    step[0] = pre[0] - base                                # the first group: a prefill alone
+    idx = np.arange(n + 1)
+    over = a + idx[:, None] > budget                       # i running + the group's tokens
+    over &= idx[None, :] - idx[:, None] > 1
+    step[over] = np.inf
+    step += mu * (batch - idx)[None, :]
+    best = np.full(n + 1, np.inf)
+    best[0] = 0.0
+    arg = np.zeros(n + 1, dtype=np.int64)
+    for j in range(1, n + 1):
+        v = best[:j] + step[:j, j]
+        i = int(np.argmin(v))
+        best[j], arg[j] = v[i], i
+    sizes = []
+    j = n
+    while j > 0:
+        sizes.append(int(j - arg[j]))
+        j = int(arg[j])
+    return sizes[::-1]
+
+
+
+def ramp_order(prompts: list[int]) -> list[int]:
+    """Positions of an idle replica's admissible queue prefix in the "shortest" start-up order:
+    the queue's first request, then the shortest prompts (ties in queue order)."""
+    return [0] + sorted(range(1, len(prompts)), key=lambda k: prompts[k])
+
+
+def ramp_price(cost: CostModel, batch: int, multiplier: float) -> float:
+    """mu: the price of one empty slot-step, the decode step's weight pass shared by its slots."""
+    return multiplier * cost.decode.base_s / batch
 
 
 class LagrangianPolicy:
     name = "lagrangian"
 
     def __init__(self, multiplier: float = 1.0, allow_mixed: bool = True, horizon: int = 32,
-                 chunk_tokens: int = 0):
+                 chunk_tokens: int = 0, ramp: str = "off"):
         if multiplier < 0:
             raise ValueError("multiplier must be >= 0")
+        if ramp not in RAMPS:
+            raise ValueError(f"unknown ramp {ramp!r}; choose from {', '.join(RAMPS)}")
         self.multiplier = multiplier
         self.allow_mixed = allow_mixed
         self.horizon = horizon
         self.chunk_tokens = chunk_tokens      # > 0: mixed insertions are split into chunks (Sarathi)
+        self.ramp = ramp                      # fill an idle replica by a start-up program (RAMPS)
+        self._program: list[list[Sequence]] = []    # its groups still to insert, next first
         self.decisions = 0
         self.deferrals = 0
         self._finishing_memo: tuple[ReplicaState, list[int]] | None = None   # lookahead() -> schedule()
@@ -132,11 +203,21 @@ class LagrangianPolicy:
             if it is not None:
                 return it
         if not r.waiting or r.free_slots <= 0:
+            self._program = []
             return Iteration(DECODE, decode=True) if running else None
+        if self._program and running:
+            it = self._next_group(r)
+            if it is not None:
+                return it
         batch = admit_in_order(r, r.waiting)
         if not batch:
             return Iteration(DECODE, decode=True) if running else None
         if not running:
+            # the program prices an empty slot-step at mu, the capacity it costs: true when later
+            # requests will fill the slots; with no more requests than slots, a late start only
+            # delays its request
+            if self.ramp != "off" and not r.prefilling and len(r.waiting) > r.max_batch and len(batch) > 1:
+                return self._start(r, batch)
             return Iteration(PREFILL, batch, decode=False)        # nothing to stall
         self.decisions += 1
         t_d = r.cost.decode_time(len(running), r.kv_used)
@@ -152,6 +233,37 @@ class LagrangianPolicy:
             return Iteration(PREFILL, batch, decode=False)
         self.deferrals += 1
         return Iteration(DECODE, decode=True)
+
+    def _start(self, r: ReplicaState, batch: list[tuple[Sequence, int]]) -> Iteration:
+        """An idle replica: prefill the first group of its start-up program; keep the rest.
+
+        ``ramp`` "shortest": the queue's first request (the plan starts its fullest slot there: on
+        the replica that holds the longest request, that request), then the shortest prompts, which
+        fill the batch fastest; "plan": in queue order, the fullest slots first, so that the ones
+        started late are those with room to spare (which is faster depends on the batch: the planner
+        simulates both, ``planner.plan.RULES``)."""
+        seqs = [s for s, _ in batch]
+        if self.ramp != "plan":
+            pos = ramp_order([s.prefill_target - s.prefilled for s in seqs])
+            seqs = [seqs[k] for k in pos]
+        sizes = startup_program(r.cost, [s.prefill_target - s.prefilled for s in seqs], r.max_batch,
+                                r.max_batched_tokens, ramp_price(r.cost, r.max_batch, self.multiplier))
+        groups, at = [], 0
+        for k in sizes:
+            groups.append(seqs[at:at + k])
+            at += k
+        self._program = groups[1:]
+        return Iteration(PREFILL, admit_in_order(r, groups[0]), decode=False)
+
+    def _next_group(self, r: ReplicaState) -> Iteration | None:
+        """The start-up program's next group, those of it still waiting here (the controller may
+        have moved some), mixed into the decode step; None when nothing of it can go in."""
+        while self._program:
+            group = [s for s in self._program.pop(0) if s.status == WAITING and s.replica == r.name]
+            batch = admit_in_order(r, group)
+            if batch:
+                return Iteration(MIXED, batch, decode=True)
+        return None
 
     def _finishing(self, r: ReplicaState) -> list[int]:
         """finishing[i]: running sequences predicted to finish after i+1 decode steps (i < horizon)."""
