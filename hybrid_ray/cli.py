@@ -135,7 +135,14 @@ def _assignment_note(plan) -> str:
     if not scores:
         return kind
     how = "simulated hybrid" if plan.info.get("simulated", True) else "estimate"
-    return kind + f" ({how}: " + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(scores.items())) + ")"
+    note = kind + f" ({how}: " + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(scores.items())) + ")"
+    cuts = plan.info.get("calibration_makespans")
+    if plan.method == "tiers" and cuts:
+        note += "; calibrated cuts " + " -> ".join(f"{v:.3f}" for v in cuts) + " s"
+    if plan.info.get("rule"):
+        note += "; online rule " + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                                            for k, v in plan.info["rule"].items())
+    return note
 
 
 def _budget(args: argparse.Namespace) -> dict:

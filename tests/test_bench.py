@@ -96,3 +96,7 @@ def test_perf_writes_its_json(tmp_path, monkeypatch):
     assert saved["planner"][0]["requests"] == 500 and len(saved["planner"]) == 2
     assert {r["method"] for r in data["planner"]} == {"lpt", "cpsat"}
     assert saved["decision"]["steady"]["p50_us"] > 0
+    assert [u["batch"] for u in saved["startup"]] == [128, 256]
+    assert all(0 < u["p50_us"] <= u["p99_us"] for u in saved["startup"])
+    text = perf.format_perf(data)
+    assert "| an idle replica's start-up program, 256 prompts (once per idle start) |" in text

@@ -59,6 +59,27 @@ def test_rewrite_touches_only_marked_regions_and_skips_timing(tmp_path, monkeypa
     assert "| 2 |" in (root / "docs" / "x.md").read_text()
 
 
+
+def test_rewrite_finds_its_regions_again_after_the_file_was_edited_meanwhile(tmp_path, monkeypatch):
+    """A table takes minutes; a line added above its region meanwhile must not shift the rewrite
+    (it used to replace the opening marker and keep the old last line)."""
+    root = _fake_root(tmp_path, monkeypatch, body="old\n\nRegenerate: `hybrid-ray bench docs --only t`")
+    readme = root / "README.md"
+
+    def make() -> str:
+        readme.write_text(readme.read_text().replace("intro\n", "intro\nedited meanwhile\n"))
+        return "| a |\n|---|\n| 1 |"
+
+    monkeypatch.setitem(docs.TABLES, "t", Table("t", make, "fake"))
+    assert regenerate(root, progress=None).names("changed") == ["t"]
+    assert readme.read_text() == ("intro\nedited meanwhile\n\n<!-- bench:t -->\n| a |\n|---|\n| 1 |\n\n"
+                                  "Regenerate: `hybrid-ray bench docs --only t`\n<!-- /bench:t -->\n\nafter\n")
+    # a region removed meanwhile: a one-line error, the file left as the editor left it
+    monkeypatch.setitem(docs.TABLES, "t", Table("t", lambda: (readme.write_text("gone\n"), "| z |")[1], "fake"))
+    with pytest.raises(DocsError, match="bench:t was removed while its table ran"):
+        regenerate(root, progress=None)
+    assert readme.read_text() == "gone\n"
+
 def test_check_writes_nothing_and_exits_1_listing_stale_tables(tmp_path, monkeypatch, capsys):
     root = _fake_root(tmp_path, monkeypatch)
     before = (root / "README.md").read_text()

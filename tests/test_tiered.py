@@ -81,3 +81,13 @@ def test_planner_keeps_the_calibrated_tiered_plan_on_hetero(hetero, hetero_plan)
     rec = simulate(cl, build_scheduler("hybrid", cl, reqs, plan=plan), reqs)
     assert rec.makespan_s == pytest.approx(scores["tiers"])
     assert rec.makespan_s <= 1.10 * plan.lower_bound_s
+
+
+def test_cli_plan_note_names_the_cuts_and_the_kept_rule(hetero_plan):
+    from hybrid_ray.cli import _assignment_note
+
+    note = _assignment_note(hetero_plan)
+    assert note.startswith("tiered assignment, slot-balanced start order (simulated hybrid: ")
+    cuts = hetero_plan.info["calibration_makespans"]
+    assert "calibrated cuts " + " -> ".join(f"{v:.3f}" for v in cuts) + " s" in note
+    assert ("online rule" in note) == bool(hetero_plan.info["rule"])

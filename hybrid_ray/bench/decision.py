@@ -24,7 +24,7 @@ import numpy as np
 from ..config import ReplicaGroupSpec, ReplicaSpec, load_cluster
 from ..replica import PREFILL, Iteration, ReplicaState, Sequence
 from ..workload import Request
-from ..policies.lagrangian import LagrangianPolicy
+from ..policies.lagrangian import LagrangianPolicy, ramp_price, startup_program
 from ..policies.sorting import SortedQueue, longest_predicted_first
 
 
@@ -67,6 +67,23 @@ def measure(batch: int = 256, waiting: int = 1000, repeats: int = 2000, allow_mi
         times[k] = time.perf_counter() - t0
     return {"batch": batch, "waiting": waiting, "lookahead": look, "p50_us": float(np.percentile(times, 50) * 1e6),
             "p99_us": float(np.percentile(times, 99) * 1e6), "mean_us": float(times.mean() * 1e6)}
+
+
+def measure_startup(batch: int = 256, repeats: int = 300, seed: int = 0) -> dict:
+    """Time the start-up program (``startup_program``) of an idle replica facing ``batch`` prompts of
+    20-200 tokens, all admissible at once: it runs once per idle start (a batch's first iteration),
+    not before every iteration, and is O(batch^2)."""
+    cost = load_cluster("local").groups[0].cost_model
+    rng = random.Random(seed)
+    prompts = sorted(rng.randint(20, 200) for _ in range(batch))
+    mu = ramp_price(cost, batch, 1.0)
+    times = np.empty(repeats)
+    for k in range(repeats):
+        t0 = time.perf_counter()
+        startup_program(cost, prompts, batch, 1 << 20, mu)
+        times[k] = time.perf_counter() - t0
+    return {"batch": batch, "p50_us": float(np.percentile(times, 50) * 1e6),
+            "p99_us": float(np.percentile(times, 99) * 1e6)}
 
 
 CASES = (("worst", "queue reshuffled before each call (worst case)", {"reshuffle": True}),

@@ -590,9 +590,15 @@ def regenerate(root: Path | str | None = None, only: list[str] | None = None, ch
         if not same and not check:
             by_file.setdefault(r.path, []).append((r, body))
     for path, edits in by_file.items():
-        lines = path.read_text(encoding="utf-8").split("\n")
-        for r, body in sorted(edits, key=lambda e: -e[0].start):       # bottom up: earlier line numbers hold
-            lines[r.start + 1:r.end] = body.split("\n")
+        # the regions found again now: the file may have been edited while the tables ran (minutes)
+        text = path.read_text(encoding="utf-8")
+        now = {r.name: r for r in find_regions(path, text)}
+        missing = [r.name for r, _ in edits if r.name not in now]
+        if missing:
+            raise DocsError(f"{path}: bench:{missing[0]} was removed while its table ran; nothing written to this file")
+        lines = text.split("\n")
+        for r, body in sorted(((now[r.name], body) for r, body in edits), key=lambda e: -e[0].start):
+            lines[r.start + 1:r.end] = body.split("\n")      # bottom up: earlier line numbers hold
         path.write_text("\n".join(lines), encoding="utf-8")
     return report
 

@@ -2,7 +2,8 @@
 
 * planner: solve time and gap for 1k / 10k / 100k requests (GSM8K sampled with repetition) on
   64 replicas, CP-SAT (`pack`, 2 workers) vs LPT alone;
-* online decision latency (batch 256, 1,000 waiting), worst case and steady state;
+* online decision latency (batch 256, 1,000 waiting), worst case and steady state, and an idle
+  replica's start-up program (128 and 256 prompts, once per idle start);
 * simulator speed: simulated requests and iterations per wall second, GSM8K and Azure conv.
 """
 from __future__ import annotations
@@ -63,8 +64,9 @@ def runtime_rows(policies=("baseline", "hybrid")) -> list[dict]:
     rows = []
     cl, reqs = load_inputs("local", "gsm8k")
     for pol in policies:
+        sched = build_scheduler(pol, cl, reqs)             # planning excluded, as in run_wall_s
         t0 = time.perf_counter()
-        sim = simulate(cl, build_scheduler(pol, cl, reqs), reqs)
+        sim = simulate(cl, sched, reqs)
         sim_wall = time.perf_counter() - t0
         res = run(RunOptions(config="local", workload="gsm8k", policy=pol, progress=False))
         rows.append({"policy": pol, "time_scale": cl.time_scale, "simulate_makespan_s": sim.makespan_s,
@@ -81,6 +83,7 @@ def run_perf(out: str | None = "results/perf.json", progress=print, sizes=(1_000
             "runtime": runtime_rows() if with_runtime else []}
     for key, shuffle in (("worst", True), ("steady", False)):
         data["decision"][key] = decision.measure(reshuffle=shuffle)
+    data["startup"] = [decision.measure_startup(b) for b in (128, 256)]
     if progress:
         progress(format_perf(data))
     if out:
@@ -101,6 +104,8 @@ def format_perf(d: dict) -> str:
               "| queue | p50 (us) | p99 (us) |", "|---|---|---|",
               f"| reshuffled before each call (worst case) | {w['p50_us']:.1f} | {w['p99_us']:.1f} |",
               f"| unchanged, marked dirty (steady state) | {s['p50_us']:.1f} | {s['p99_us']:.1f} |",
+              *(f"| an idle replica's start-up program, {u['batch']} prompts (once per idle start) | "
+                f"{u['p50_us']:.1f} | {u['p99_us']:.1f} |" for u in d.get("startup", [])),
               "", "simulator speed (planning excluded)",
               "| config | workload | policy | requests | iterations | wall (s) | requests/s | iterations/s |",
               "|---|---|---|---|---|---|---|---|"]
