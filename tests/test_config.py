@@ -84,10 +84,10 @@ def test_every_bundled_config_loads(name):
 def test_bundled_values():
     local = load_cluster("local")
     g = local.groups[0]
-    assert (local.time_scale, g.max_batch_size, g.kv_capacity_tokens, g.resources) == (0.01, 64, 40000, {"CPU": 1})
+    assert (local.time_scale, g.max_batch_size, g.kv_capacity_tokens, g.resources) == (0.1, 64, 40000, {"CPU": 1})
     assert g.cost_model.to_dict() == SEVEN_B
     h = load_cluster("h100_llama7b")
-    assert (h.time_scale, h.groups[0].max_batch_size, h.groups[0].kv_capacity_tokens) == (0.02, 128, 112000)
+    assert (h.time_scale, h.groups[0].max_batch_size, h.groups[0].kv_capacity_tokens) == (0.1, 128, 112000)
     assert h.groups[0].resources == {"GPU": 1}
     het = load_cluster("hetero")
     big, small = het.groups
