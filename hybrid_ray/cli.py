@@ -140,8 +140,8 @@ def _assignment_note(plan) -> str:
     if plan.method == "tiers" and cuts:
         note += "; calibrated cuts " + " -> ".join(f"{v:.3f}" for v in cuts) + " s"
     if plan.info.get("rule"):
-        note += "; online rule " + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                                            for k, v in plan.info["rule"].items())
+        from .planner.plan import rule_label
+        note += "; online rule " + rule_label(plan.info["rule"])
     return note
 
 

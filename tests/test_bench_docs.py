@@ -59,7 +59,6 @@ def test_rewrite_touches_only_marked_regions_and_skips_timing(tmp_path, monkeypa
     assert "| 2 |" in (root / "docs" / "x.md").read_text()
 
 
-
 def test_rewrite_finds_its_regions_again_after_the_file_was_edited_meanwhile(tmp_path, monkeypatch):
     """A table takes minutes; a line added above its region meanwhile must not shift the rewrite
     (it used to replace the opening marker and keep the old last line)."""
@@ -79,6 +78,7 @@ def test_rewrite_finds_its_regions_again_after_the_file_was_edited_meanwhile(tmp
     with pytest.raises(DocsError, match="bench:t was removed while its table ran"):
         regenerate(root, progress=None)
     assert readme.read_text() == "gone\n"
+
 
 def test_check_writes_nothing_and_exits_1_listing_stale_tables(tmp_path, monkeypatch, capsys):
     root = _fake_root(tmp_path, monkeypatch)

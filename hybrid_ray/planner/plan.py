@@ -198,6 +198,11 @@ RULES: tuple[dict, ...] = ({"multiplier": 2.0}, {"multiplier": 1e6}, {"sort": "l
                            {"multiplier": 1e6, "sort": "longest", "chunk_tokens": 1 << 20, "ramp": "off"})
 
 
+def rule_label(rule: dict) -> str:
+    """``multiplier=2, sort=longest``: a rule's settings as `plan` prints them and ``rules_tried`` keys them."""
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in rule.items())
+
+
 def _simulate_hybrid(cluster: ClusterSpec, batch: list[Request], plan: Plan, finishes: list | None = None) -> float:
     """The hybrid's simulated makespan on ``plan``; each replica's finish appended to ``finishes``."""
     from ..policies import build_scheduler
@@ -258,7 +263,7 @@ def tune_rule(cluster: ClusterSpec, batch: list[Request], plan: Plan, default_s:
             continue
         plan.info["rule"] = rule
         ms = _simulate_hybrid(cluster, batch, plan)
-        tried[", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in rule.items())] = round(ms, 6)
+        tried[rule_label(rule)] = round(ms, 6)
         if ms < best_ms * (1 - 1e-9):
             best, best_ms = rule, ms
     plan.info["rule"] = dict(best)

@@ -49,7 +49,8 @@ RAMPS = ("shortest", "plan", "off")     # start-up program orders (LagrangianPol
 
 
 def startup_program(cost: CostModel, prompts: list[int], batch: int, budget: int, mu: float) -> list[int]:
-    """Sizes of the prompt groups that fill an idle replica, ``prompts`` ascending.
+    """Sizes of the prompt groups that fill an idle replica, consecutive in the order of ``prompts``
+    (ascending for ramp "shortest", queue order for "plan").
 
     Group i (prompts n_{i-1}..n_i, ``a`` tokens) costs the replica its prefill beyond one decode
     step, ``max(decode.base, prefill(a)) - decode.base`` (the first group: ``prefill(a) - decode.base``,
@@ -90,7 +91,6 @@ def startup_program(cost: CostModel, prompts: list[int], batch: int, budget: int
         sizes.append(int(j - arg[j]))
         j = int(arg[j])
     return sizes[::-1]
-
 
 
 def ramp_order(prompts: list[int]) -> list[int]:
@@ -245,12 +245,11 @@ class LagrangianPolicy:
         fill the batch fastest; "plan": in queue order, the fullest slots first, so that the ones
         started late are those with room to spare (which is faster depends on the batch: the planner
         simulates both, ``planner.plan.RULES``)."""
-        seqs = [s for s, _ in batch]
         if self.ramp != "plan":
-            pos = ramp_order([s.prefill_target - s.prefilled for s in seqs])
-            seqs = [seqs[k] for k in pos]
-        sizes = startup_program(r.cost, [s.prefill_target - s.prefilled for s in seqs], r.max_batch,
-                                r.max_batched_tokens, ramp_price(r.cost, r.max_batch, self.multiplier))
+            batch = [batch[k] for k in ramp_order([n for _, n in batch])]
+        seqs = [s for s, _ in batch]
+        sizes = startup_program(r.cost, [n for _, n in batch], r.max_batch, r.max_batched_tokens,
+                                ramp_price(r.cost, r.max_batch, self.multiplier))
         groups, at = [], 0
         for k in sizes:
             groups.append(seqs[at:at + k])
