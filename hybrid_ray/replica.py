@@ -18,6 +18,8 @@ Semantics (vLLM-like):
   priced below its contents; each record counts recompute tokens and the output tokens yielded.
 * Decode progress is tracked lazily (a global step counter and a heap of finish steps), so a
   decode step costs O(finished * log B), not O(B): the simulator must run 100k requests fast.
+  The running sequences' *predicted* finish steps are counted the same way (``finishing``), so
+  the Lagrangian rule reads its per-step counts in O(horizon) before every iteration, not O(B).
 """
 from __future__ import annotations
 
@@ -62,6 +64,7 @@ class Sequence:
     replica: str = ""
     completion: Completion | None = None   # a real engine's output, once finished
     predicted_first: int = -1   # the prediction when first scheduled (metrics: prediction error)
+    predicted_end: int = 0      # while running: the decode step it is predicted to finish at
 
     @property
     def id(self) -> str:
@@ -190,6 +193,13 @@ class ReplicaState:
         self._fresh_work = 0.0
         self._fresh_tokens = 0                     # predicted output tokens of never-started sequences
         self._resumed: dict[int, Sequence] = {}   # id() -> waiting sequence that has started (preempted)
+        # running sequences by predicted finish step, kept as they start and leave, so that the
+        # Lagrangian rule's per-step counts cost O(horizon), not O(batch): those due at or before
+        # the last swept step are only counted
+        self._due: dict[int, int] = {}
+        self._due_steps: list[int] = []
+        self._overdue = 0
+        self._swept = -1
 
     # -- views for policies -----------------------------------------------------------------
     @property
@@ -288,6 +298,8 @@ class ReplicaState:
             s.status, s.prefilled = WAITING, 0
             s.epoch += 1
         self.running.clear(), self.prefilling.clear(), self._heap.clear()
+        self._due.clear(), self._due_steps.clear()
+        self._overdue = 0
         self.waiting, self.kv_used, self.current = [], 0, None
         self._fresh_n, self._fresh_work, self._fresh_tokens = 0, 0.0, 0
         self._resumed.clear()
@@ -445,6 +457,7 @@ class ReplicaState:
                 _, _, epoch, s = heapq.heappop(heap)
                 if s.epoch == epoch and s.status == RUNNING:
                     del self.running[s.id]
+                    self._unrun(s)
                     s.generated = s.req.output_tokens
                     self._finish(s, end_s)
                     done.append(s)
@@ -463,6 +476,7 @@ class ReplicaState:
                 continue
             s.status, s.synced_step = RUNNING, self.step
             self.running[s.id] = s
+            self._run(s)
             self._tiebreak += 1
             heapq.heappush(self._heap, (self.step + s.req.output_tokens - s.generated, self._tiebreak, s.epoch, s))
         self.busy_s += end_s - start_s
@@ -496,10 +510,49 @@ class ReplicaState:
             return
         s.generated = self.generated(s)
         del self.running[s.id]
+        self._unrun(s)
         s.epoch += 1
         self._finish(s, now)
 
+    def finishing(self, horizon: int) -> list[int]:
+        """``out[i]``: running sequences predicted to finish after ``i + 1`` decode steps (``i <
+        horizon``; ``out[0]`` also counts those predicted to have finished already); ``out[horizon]``
+        is 0. What the Lagrangian rule reads before every decision: O(horizon)."""
+        step = self.step
+        due, steps = self._due, self._due_steps
+        while steps and steps[0] <= step:          # now due: only counted from here on
+            self._overdue += due.pop(heapq.heappop(steps), 0)
+        self._swept = step
+        get = due.get
+        out = [get(step + 1 + i, 0) for i in range(horizon)]
+        out.append(0)
+        out[0] += self._overdue
+        return out
+
     # -- internals ----------------------------------------------------------------------------
+    def _run(self, s: Sequence) -> None:
+        """``s`` started running: count it at its predicted finish step."""
+        end = s.predicted_end = self.step + s.predicted_output - s.generated
+        if end <= self._swept:
+            self._overdue += 1
+            return
+        n = self._due.get(end, 0)
+        if not n:
+            heapq.heappush(self._due_steps, end)
+        self._due[end] = n + 1
+
+    def _unrun(self, s: Sequence) -> None:
+        """``s`` stopped running (finished, preempted): uncount it."""
+        end = s.predicted_end
+        if end <= self._swept:
+            self._overdue -= 1
+            return
+        n = self._due[end] - 1
+        if n:
+            self._due[end] = n
+        else:
+            del self._due[end]                  # its heap entry goes when swept (popped with 0)
+
     def _order_tail(self) -> None:
         """Before reading the queue past its front: finish a sorter's partial sort, as if it had
         sorted it all."""
@@ -570,6 +623,7 @@ class ReplicaState:
         if s.status == RUNNING:
             s.generated = self.generated(s)
             del self.running[s.id]
+            self._unrun(s)
             self.kv_used -= s.req.prompt_tokens + s.generated
         elif s.status == PREFILLING:
             del self.prefilling[s.id]

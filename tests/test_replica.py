@@ -173,3 +173,55 @@ def test_kv_preemption_relabels_a_mixed_step_by_what_is_left():
     assert it.kind == DECODE and it.prefill == [] and it.batch == 1
     assert b.preemptions == 1 and r.waiting[0] is b
     assert it.duration(r.cost) == r.cost.decode_time(1, 12)
+
+
+def _finishing_by_walk(r: ReplicaState, horizon: int) -> list[int]:
+    """The per-step counts as the Lagrangian rule used to compute them: a walk over the batch."""
+    out = [0] * (horizon + 1)
+    for s in r.running.values():
+        rem = s.predicted_output - s.generated + s.synced_step - r.step
+        if rem <= horizon:
+            out[rem - 1 if rem > 1 else 0] += 1
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_kept_finishing_counts_equal_a_walk_over_the_batch_through_preemptions_and_early_stops(seed):
+    """``ReplicaState.finishing`` is kept as sequences start and leave (O(horizon) per decision);
+    through admissions, decode steps, predictions that are too short or too long, recompute
+    preemptions, early stops and a lost replica, it equals a walk over the running batch."""
+    import random
+
+    rng = random.Random(seed)
+    r = ReplicaState(cluster(count=1, max_batch=16, kv=100_000).replicas()[0])
+    seqs = []
+    for i in range(60):
+        out = rng.randint(1, 40)
+        s = Sequence(Request(f"q{i}", rng.randint(1, 30), out), max(1, out + rng.randint(-15, 15)))
+        seqs.append(s)
+    r.add(seqs)
+    checked = 0
+    t = 0.0
+    for _ in range(400):
+        horizon = rng.choice([1, 4, 32])
+        assert r.finishing(horizon) == _finishing_by_walk(r, horizon)
+        checked += bool(r.running)
+        if r.running and rng.random() < 0.1:       # an engine stops one early (EOS)
+            r.finish_early(rng.choice(list(r.running.values())), t)
+            continue
+        preempt = [rng.choice(list(r.running.values()))] if r.running and rng.random() < 0.1 else []
+        free = r.free_slots + len(preempt)
+        admit = [(s, s.prefill_target) for s in r.waiting[:min(free, rng.randint(0 if r.running else 1, 3))] if s not in preempt]
+        if admit:
+            it = Iteration(MIXED if r.running else PREFILL, admit, decode=bool(r.running), preempt=preempt)
+        elif r.running:
+            it = Iteration(DECODE, decode=True, preempt=preempt)
+        else:
+            break
+        it = r.begin(it)
+        if it is not None:
+            r.complete(it, t, t + 0.01)
+        t += 0.01
+        if rng.random() < 0.01:                        # replica lost: everything requeued
+            r.add(r.drain_unfinished())
+    assert checked > 50

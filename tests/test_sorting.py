@@ -171,3 +171,22 @@ def test_simulations_with_tight_kv_preempt_and_stay_identical():
         assert part == full
         preempted += sum(p for *_, p, _ in full[3])
     assert preempted > 0
+
+
+def test_reading_past_the_ordered_front_sorts_the_rest_once(monkeypatch):
+    """Between decisions only admissions happened, but the next one reads past the ordered front:
+    the rest is sorted once (as a full sort would have held it), not selected from again, and a
+    later decision on that queue orders nothing."""
+    r, full = _bench_like(5), _bench_like(5)
+    sq = SortedQueue(LagrangianPolicy(horizon=4))
+    sq._order(r)
+    tail = r.unsorted_tail
+    assert tail is not None and not r.waiting_dirty
+    calls = {"front": 0}
+    front = sorting.order_front
+    monkeypatch.setattr(sorting, "order_front", lambda q, m: (calls.__setitem__("front", calls["front"] + 1), front(q, m)))
+    sq._lookahead = lambda r: tail.start(r) + 5
+    sq._order(r)
+    assert calls["front"] == 0 and r.unsorted_tail is None
+    SortedQueue._sort(full)
+    assert [s.id for s in r.waiting] == [s.id for s in full.waiting]

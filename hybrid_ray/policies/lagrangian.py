@@ -269,16 +269,7 @@ class LagrangianPolicy:
 
     def _finishing(self, r: ReplicaState) -> list[int]:
         """finishing[i]: running sequences predicted to finish after i+1 decode steps (i < horizon)."""
-        horizon = self.horizon
-        finishing = [0] * (horizon + 1)
-        step = r.step
-        last = step + horizon                 # predicted finish step (constant while it runs) <= last
-        for s in r.running.values():
-            end = s.predicted_output - s.generated + s.synced_step
-            if end <= last:
-                rem = end - step
-                finishing[rem - 1 if rem > 1 else 0] += 1
-        return finishing
+        return r.finishing(self.horizon)
 
     def _best_deferral(self, r: ReplicaState, k: int, tokens: int, attn: int, mu: float, t_d: float,
                        finishing: list[int] | None = None) -> float:
