@@ -15,10 +15,11 @@ stably, only when something reads the queue past its front (take-backs, re-predi
 ``ReplicaState`` calls ``r.unsorted_tail`` first), or when a later decision, with only admissions
 since, needs more than the front holds: sorting the rest once is cheaper than selecting from it
 at each such decision (on 100k requests x 64 replicas those selections were half the simulator's
-time); sequences added since stay after it, unsorted, as they would have. And a later ordering of the whole queue puts the same sequences first as a
-full sort would, since equal keys keep the same relative order either way. Admissions, runs and
-makespans are bit-identical (tests/test_sorting.py). Short queues, large m, and queues that look
-sorted but for new arrivals (timsort is then linear) get the full sort.
+time); sequences added since stay after it, unsorted, as they would have. And a later ordering
+of the whole queue puts the same sequences first as a full sort would, since equal keys keep the
+same relative order either way. Admissions, runs and makespans are bit-identical
+(tests/test_sorting.py). Short queues, large m, and queues that look sorted but for new arrivals
+(timsort is then linear) get the full sort.
 
 The inner policy only reads ``r.waiting`` front to back, so any of them composes: around
 ``ChunkedPrefill`` (a vLLM v1 engine, `lpt-engine`) in-progress chunks still go first, then
