@@ -76,3 +76,19 @@ def test_fit_cost_model_command(capsys):
     assert main(["fit-cost-model", str(prof)]) == 0
     out = capsys.readouterr().out
     assert "cost_model:" in out and "per_ctx_token_s" in out and "max 6.1 %" in out
+
+
+def test_plan_prints_the_simulated_run_beside_the_estimate(tmp_path, capsys):
+    """`plan` chose between candidate plans by simulating them: it prints the chosen one's simulated
+    hybrid run and its gap to the bound (the planned makespan is the packing's estimate), and how
+    much of the solve time the packing took."""
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--config", "local", "--limit", "100", "--method", "lpt", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    ms = data["info"]["candidates"][data["info"]["chosen"]]
+    gap = 100 * (max(ms, data["lower_bound_s"]) / data["lower_bound_s"] - 1)
+    row = next(line for line in text.splitlines() if "simulated hybrid run / gap" in line)
+    assert row.endswith(f"{ms:.2f} s / {gap:.2f} %") and gap >= 0
+    solve = next(line for line in text.splitlines() if "solve time" in line)
+    assert f"packing {data['info']['pack_solve_time_s']:.2f} s" in solve
