@@ -456,7 +456,6 @@ class ReplicaState:
             while heap and heap[0][0] <= self.step:
                 _, _, epoch, s = heapq.heappop(heap)
                 if s.epoch == epoch and s.status == RUNNING:
-                    del self.running[s.id]
                     self._unrun(s)
                     s.generated = s.req.output_tokens
                     self._finish(s, end_s)
@@ -509,7 +508,6 @@ class ReplicaState:
         if s.status != RUNNING:
             return
         s.generated = self.generated(s)
-        del self.running[s.id]
         self._unrun(s)
         s.epoch += 1
         self._finish(s, now)
@@ -542,7 +540,9 @@ class ReplicaState:
         self._due[end] = n + 1
 
     def _unrun(self, s: Sequence) -> None:
-        """``s`` stopped running (finished, preempted): uncount it."""
+        """``s`` stops running (finished, stopped early, preempted): out of the batch and its count,
+        in one place, so that no way out of the batch can leave the counts stale."""
+        del self.running[s.id]
         end = s.predicted_end
         if end <= self._swept:
             self._overdue -= 1
@@ -622,7 +622,6 @@ class ReplicaState:
         """Recompute preemption: free the KV, keep generated tokens, requeue at the front."""
         if s.status == RUNNING:
             s.generated = self.generated(s)
-            del self.running[s.id]
             self._unrun(s)
             self.kv_used -= s.req.prompt_tokens + s.generated
         elif s.status == PREFILLING:
