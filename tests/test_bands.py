@@ -139,6 +139,34 @@ def test_lp_work_bound_beats_the_cheapest_group_bound_on_hetero():
     assert hybrid >= lb.value_s
 
 
+def test_second_replica_apart_lifts_the_hetero_bound(monkeypatch):
+    """The replica holding the longest request not on the first runs that many steps, and every
+    longer request sits on the first: on hetero (GSM8K) that lifts the bound by more than 0.5 %,
+    and the hybrid still runs above it."""
+    cl, reqs = load_inputs("hetero", "gsm8k")
+    two = lower_bound(cl, reqs)
+    monkeypatch.setattr(bounds, "_lp_two_longest", lambda *a: 0.0)       # one apart only
+    one = lower_bound(cl, reqs)
+    assert two.value_s > 1.005 * one.value_s and two.value_s == pytest.approx(two.steps_s)
+    hybrid = simulate(cl, build_scheduler("hybrid", cl, reqs), reqs).makespan_s
+    assert hybrid >= two.value_s
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_second_replica_apart_is_never_below_one_apart_and_never_above_a_run(seed, monkeypatch):
+    rng = np.random.default_rng(seed)
+    fast = ReplicaGroupSpec("fast", int(rng.integers(1, 4)), int(rng.integers(2, 9)), 6000, COST, 4096)
+    slow = dataclasses.replace(fast, name="slow", count=int(rng.integers(1, 3)),
+                               cost_model=COST.scaled(float(rng.uniform(1.2, 2.5))))
+    cl = ClusterSpec("two", (slow, fast))
+    reqs = [Request(f"r{i}", int(rng.integers(1, 400)), int(rng.integers(1, 300))) for i in range(40)]
+    two = lower_bound(cl, reqs).value_s
+    for policy in ("hybrid", "serve", "lpt-engine"):
+        assert simulate(cl, build_scheduler(policy, cl, reqs, method="lpt"), reqs).makespan_s >= two, policy
+    monkeypatch.setattr(bounds, "_lp_two_longest", lambda *a: 0.0)
+    assert two >= lower_bound(cl, reqs).value_s * (1 - 1e-6)
+
+
 def test_many_request_types_are_rounded_down_for_the_lp(monkeypatch):
     """Past LP_MAX_TYPES the LPs see every request rounded down to the least of its cell:
     smaller requests, so a smaller but still valid value, and no longer none at all."""

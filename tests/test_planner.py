@@ -147,6 +147,17 @@ def test_bound_below_exhaustive_optimum(seed):
     assert plan_run <= 1.25 * best
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_mixed_cluster_bound_below_exhaustive_optimum(seed):
+    """Two groups (the LPs that take replicas apart run only on mixed clusters)."""
+    rng = random.Random(100 + seed)
+    reqs = [Request(f"r{i}", rng.randint(1, 300), rng.randint(1, 80)) for i in range(4)]
+    cl = cluster(count=1, max_batch=rng.choice([1, 2]), kv=2000, groups=2)
+    best = _best_by_exhaustive_search(cl, reqs)
+    lb = lower_bound(cl, reqs).value_s
+    assert 0.5 * best <= lb <= best
+
+
 def test_plan_cli_json(tmp_path, capsys):
     out = tmp_path / "plan.json"
     assert main(["plan", "--config", "paper_llama65b", "--limit", "300", "--seed", "1", "--time-limit", "2",

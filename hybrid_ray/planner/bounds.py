@@ -172,7 +172,12 @@ def lower_bound(cluster: ClusterSpec, requests: list[Request]) -> LowerBound:
         types = _types(pq, oq)                     # once: every LP below merges the same requests
         work_s = max(work_s, max(_lp_work(cluster, tq, w, types, [r[j] for r in ramps])
                                  for j, w in enumerate(_WORK_TERMS)))
-        steps_s = max(steps_s, _lp_longest(cluster, tq, chains, types, int(np.argmax(o)), float(o.max()), ramps))
+        big = int(np.argmax(o))
+        # two replicas apart is never below one apart (h2's rows hold on the pool's replicas too);
+        # one apart is the fallback where GLOP proves nothing for two
+        apart = (_lp_two_longest(cluster, tq, chains, types, big, float(o.max()), ramps)
+                 or _lp_longest(cluster, tq, chains, types, big, float(o.max()), ramps))
+        steps_s = max(steps_s, apart)
     # shrink by a few ulps so float summation order can never lift the bound above a makespan
     value = max(chain_s, work_s, steps_s) * (1.0 - 1e-12)
     return LowerBound(value, chain_s, work_s, requests[k].id, steps_s)
@@ -365,6 +370,167 @@ def _lp_longest(cluster: ClusterSpec, terms: list[_Terms], chain: list[np.ndarra
             return 0.0                        # no proven value for this group: claim nothing
         least = min(least, max(v, float(chain[gs][big])))     # L runs on a replica of gs
     return float(least) if np.isfinite(least) else 0.0
+
+
+def _own_rows(t: _Terms, first: np.ndarray, work: list[np.ndarray], ramp: list[float]):
+    """The rows of one replica of t's group as (coefficients per type, iteration coefficient,
+    makespan coefficient, constant), each meaning ``coef . hold + a I + b T <= c``: its ``I``
+    iterations, each at least m (mixed with the prefill line as in ``_mixed``), fit in T; it has at
+    least as many iterations as its batch and KV cache need; and its work rows with its start-up
+    hold too, as on every replica."""
+    lin = t.lin[first]
+    for lam in _LAMS:
+        yield lin + (lam * t.pre + (1 - lam) * t.pre_full)[first], lam * t.m + (1 - lam) * t.m_pre, -1.0, 0.0
+    yield (t.lin + t.y)[first], 0.0, -1.0, 0.0
+    for share in ((t.o / t.batch)[first], (t.kv / t.kv_cap)[first]):       # iterations per batch, per KV
+        yield share, -1.0, 0.0, 0.0
+    for size, r in zip(work, ramp):
+        yield size, 0.0, -1.0, -r
+
+
+class _TwoApart:
+    """The work LP with two replicas taken apart: h1 (group g1) holds the longest request, h2
+    (group g2) the longest request not on h1. ``keep``: the indices of the rows to build (None:
+    all); dropping rows only lowers the value, so any subset stays a valid bound."""
+
+    def __init__(self, cluster: ClusterSpec, terms: list[_Terms], types, work, ramps, g1: int, g2: int,
+                 longest: int, o_big: float, keep: set[int] | None = None):
+        from ortools.linear_solver import pywraplp
+
+        counts, first, _ = types
+        self.counts = counts
+        self.out = terms[0].o[first]
+        ng, nt = len(terms), len(counts)
+        s = self.solver = pywraplp.Solver.CreateSolver("GLOP")
+        inf = s.infinity()
+        self.x = [[s.NumVar(0.0, float(c), "") for c in counts] for _ in range(ng)]
+        self.h2 = [s.NumVar(0.0, float(c), "") for c in counts]
+        h1 = [s.NumVar(0.0, float(c), "") for c in counts]
+        self.makespan = s.NumVar(0.0, inf, "T")
+        i1 = s.NumVar(o_big, inf, "I1")
+        self.i2 = s.NumVar(0.0, inf, "I2")
+        for j, c in enumerate(counts):
+            ct = s.Constraint(float(c), float(c))
+            for var in [self.x[gi][j] for gi in range(ng)] + [h1[j], self.h2[j]]:
+                ct.SetCoefficient(var, 1.0)
+        h1[longest].SetLb(1.0)
+        rows = []
+        left = [g.count - (gi == g1) - (gi == g2) for gi, g in enumerate(cluster.groups)]
+        for gi in range(ng):                   # every work row holds on the group's other replicas
+            rows += [(self.x[gi], size, None, 0.0, -float(left[gi]), -left[gi] * r)
+                     for size, r in zip(work[gi], ramps[gi])]
+        for g, hold, iters in ((g1, h1, i1), (g2, self.h2, self.i2)):
+            rows += [(hold, coef, iters, a, b, c) for coef, a, b, c in
+                     _own_rows(terms[g], first, work[g], ramps[g])]
+        self.rows = []
+        for k, (hold, coef, iters, a, b, c) in enumerate(rows):
+            if keep is not None and k not in keep:
+                continue
+            ct = s.Constraint(-inf, c)
+            for j in range(nt):
+                ct.SetCoefficient(hold[j], float(coef[j]))
+            if iters is not None:
+                ct.SetCoefficient(iters, a)
+            ct.SetCoefficient(self.makespan, b)
+            self.rows.append((k, ct))
+        s.Minimize(self.makespan)
+
+    def solve(self, v: float, forced: bool) -> float:
+        """A(v) (``forced``: requests longer than v on h1) or B(v) (h2 runs v iterations); -1 where
+        GLOP proves nothing."""
+        from ortools.linear_solver import pywraplp
+
+        for j, c in enumerate(self.counts):
+            ub = 0.0 if forced and self.out[j] > v else float(c)
+            self.h2[j].SetUb(ub)
+            for xg in self.x:
+                xg[j].SetUb(ub)
+        self.i2.SetLb(0.0 if forced else v)
+        if self.solver.Solve() != pywraplp.Solver.OPTIMAL:
+            return -1.0
+        return float(self.makespan.solution_value()) * (1.0 - 1e-7)
+
+    def binding(self) -> set[int]:
+        """The rows whose dual is nonzero in the last solution."""
+        return {k for k, ct in self.rows if abs(ct.dual_value()) > 1e-12}
+
+
+TOP_OUTPUTS = 16             # longest requests whose outputs set the second replica's threshold
+TWO_APART_MAX_TYPES = 2000   # past this many request types the second LP costs seconds and gave nothing
+
+
+def _lp_two_longest(cluster: ClusterSpec, terms: list[_Terms], chain: list[np.ndarray], types,
+                    big: int, o_big: float, ramps: list[list[float]]) -> float:
+    """``_lp_longest`` with a second replica taken apart (mixed clusters).
+
+    h1 holds the longest request L; h2 holds the longest request not on h1, of output v. Then h2
+    runs at least v iterations, and every request longer than v is on h1. With v and the groups of
+    h1 and h2 unknown, the bound is the least over them of ``max(A(v), B(v))``: A the LP with the
+    longer requests on h1 (h2's count free), B the LP with h2 running v iterations (nothing
+    forced). A only grows as v falls and B only as v rises, so a bisection over the candidate v
+    finds the least, and ``max(A(longest v), B(shortest v))`` already rules a pair of groups out.
+    The candidates are the outputs of the TOP_OUTPUTS longest requests; a smaller v puts all of
+    them on h1, which A at the smallest candidate bounds. "Everything on h1" is the last case.
+    The bisection solves the LP with only the rows binding at its ends (fewer rows: a lower,
+    still valid value, found much faster). Requests rounded down (``_coarse``) keep the argument:
+    h2 is then the replica holding the largest rounded output not on h1, and it runs at least
+    that many iterations."""
+    if types is None or len(types[0]) > TWO_APART_MAX_TYPES:
+        return 0.0
+    counts, first, inv = types
+    longest = int(inv[big])
+    work = [[(t.lin + w(t))[first] for w in _WORK_TERMS] for t in terms]
+    cand = np.unique(np.sort(terms[0].o)[::-1][:TOP_OUTPUTS])[::-1]     # candidate v, longest first
+    last = len(cand) - 1
+    least = np.inf
+    for g1 in sorted(range(len(terms)), key=lambda g: float(chain[g][big])):
+        if chain[g1][big] >= least:
+            continue
+        t1 = terms[g1]                                   # everything on h1
+        every = [float(np.dot(counts, (t1.lin + t1.y)[first]))]
+        every += [float(np.dot(counts, w)) + r for w, r in zip(work[g1], ramps[g1])]
+        least = min(least, max(max(every), float(chain[g1][big])))
+        for g2 in sorted(range(len(terms)), key=lambda g: g != g1):
+            if min(g.count - (gi == g1) - (gi == g2) for gi, g in enumerate(cluster.groups)) < 0:
+                continue
+            full = _TwoApart(cluster, terms, types, work, ramps, g1, g2, longest, o_big)
+            ends, keep = [], set()
+            for i, forced in ((0, True), (last, False), (last, True), (0, False)):  # [2]: v below all
+                ends.append(full.solve(float(cand[i]), forced))
+                if ends[-1] < 0:
+                    return 0.0                           # no proven value: claim nothing
+                if len(ends) == 2 and max(ends) >= least:
+                    break
+                keep |= full.binding()
+            if max(ends[:2]) >= least:
+                continue
+            lp = _TwoApart(cluster, terms, types, work, ramps, g1, g2, longest, o_big, keep)
+            seen: dict[tuple[int, bool], float] = {}
+
+            def at(i: int, forced: bool) -> float:
+                if (i, forced) not in seen:
+                    seen[i, forced] = lp.solve(float(cand[i]), forced)
+                    if seen[i, forced] < 0:
+                        raise _NoValue
+                return seen[i, forced]
+
+            try:
+                lo, hi = 0, last                         # least i with A > B: A rises, B falls along i
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    if at(mid, True) > at(mid, False):
+                        hi = mid
+                    else:
+                        lo = mid + 1
+                best = min([ends[2]] + [max(at(i, True), at(i, False)) for i in {max(lo - 1, 0), lo}])
+            except _NoValue:
+                return 0.0
+            least = min(least, max(best, float(chain[g1][big])))
+    return float(least) if np.isfinite(least) else 0.0
+
+
+class _NoValue(Exception):
+    """GLOP proved no value for an LP: the family claims nothing."""
 
 
 def _steps_bound(cluster: ClusterSpec, terms: list[_Terms], o: np.ndarray, grid: int = 5) -> float:
