@@ -87,6 +87,9 @@ def test_plan_prints_the_simulated_run_beside_the_estimate(tmp_path, capsys):
     text = capsys.readouterr().out
     data = json.loads(out.read_text())
     ms = data["info"]["candidates"][data["info"]["chosen"]]
+    refine = data["info"]["refine"]
+    assert refine["from_s"] == ms and refine["to_s"] <= ms and refine["simulations"] >= 1
+    ms = refine["to_s"]
     gap = 100 * (max(ms, data["lower_bound_s"]) / data["lower_bound_s"] - 1)
     row = next(line for line in text.splitlines() if "simulated hybrid run / gap" in line)
     assert row.endswith(f"{ms:.2f} s / {gap:.2f} %") and gap >= 0

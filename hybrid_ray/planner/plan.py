@@ -18,6 +18,7 @@ from .banded import banded_assignment, estimated_finish
 from .binpack import deterministic_budget, pack
 from .bounds import lower_bound
 from .estimate import latency_matrix, work_matrix
+from .refine import refine_assignment
 from .slots import slot_balanced_order
 from .tiered import tiered_assignment
 
@@ -182,8 +183,55 @@ def make_plan(cluster: ClusterSpec, requests: list[Request], predicted_output: n
         candidates["bounded"].method = "bounded"
     chosen = choose_plan(cluster, batch, candidates, tune=bands == "auto")
     plan = candidates[chosen]
+    shape = CANDIDATE_SHAPES.get(chosen)
+    if shape is not None and bands == "auto" and plan.info.get("simulated") and len(replicas) > 1:
+        plan = refine_plan(cluster, batch, plan, lambda a: build(a, *shape), work, gidx, seed)
     plan.solve_time_s = time.perf_counter() - t0
     return plan
+
+
+# (banded, slots) of each candidate's build: what a refined assignment is rebuilt with
+CANDIDATE_SHAPES = {"pack": (False, False), "slots": (False, True), "bands": (True, False),
+                    "bands-slots": (True, True), "tiers": (True, True)}
+REFINE_SIMULATIONS = 128            # hybrid runs the local search may spend on the chosen plan...
+REFINE_ITERATIONS = 250_000         # ... and at most this many simulated iterations in all
+
+
+def refine_plan(cluster: ClusterSpec, batch: list[Request], plan: Plan, rebuild, work: np.ndarray,
+                gidx: np.ndarray, seed: int) -> Plan:
+    """``plan`` after the simulation-guided local search (``planner.refine``) on its assignment,
+    each trial rebuilt with ``rebuild(assign)`` (the candidate's own start orders) and run with the
+    chosen plan's settings (online rule, start-up). Up to REFINE_SIMULATIONS runs, fewer where a
+    run is long: at most REFINE_ITERATIONS simulated iterations (a batch of 8 runs many more
+    iterations than one of 128 for the same requests, and costs as much more to simulate).
+    Returns ``plan`` itself when nothing improved."""
+    index = {r.name: k for k, r in enumerate(cluster.replicas())}
+    assign = np.array([index[plan.assignment[q.id]] for q in batch])
+
+    from ..policies import build_scheduler
+    from ..simulator import simulate
+
+    def run(p: Plan):
+        return simulate(cluster, build_scheduler("hybrid", cluster, batch, plan=p), batch)
+
+    def finishes_of(a: np.ndarray) -> np.ndarray:
+        trial = rebuild(a)
+        trial.info = dict(plan.info)
+        return _finishes(run(trial))
+
+    first = run(plan)                 # what a run costs decides how many the search may spend
+    iterations = max(1, sum(len(r.records) for r in first.replicas))
+    budget = max(1, min(REFINE_SIMULATIONS, REFINE_ITERATIONS // iterations))
+    res = refine_assignment(assign, finishes_of, work, gidx, budget, seed, _finishes(first))
+    stats = {"simulations": res.simulations, "accepted": res.accepted,
+             "from_s": round(res.start_makespan_s, 6), "to_s": round(res.makespan_s, 6)}
+    if res.accepted == 0:
+        plan.info["refine"] = stats
+        return plan
+    refined = rebuild(res.assignment)
+    refined.info = dict(plan.info, refine=stats)
+    refined.method = plan.method
+    return refined
 
 
 SIMULATE_MAX = 20_000       # requests up to which candidate plans are compared by simulation
@@ -203,6 +251,11 @@ def rule_label(rule: dict) -> str:
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in rule.items())
 
 
+def _finishes(rec) -> np.ndarray:
+    """Each replica's last iteration end in a run record (0 for an idle replica)."""
+    return np.array([r.records[-1].end_s if r.records else 0.0 for r in rec.replicas])
+
+
 def _simulate_hybrid(cluster: ClusterSpec, batch: list[Request], plan: Plan, finishes: list | None = None) -> float:
     """The hybrid's simulated makespan on ``plan``; each replica's finish appended to ``finishes``."""
     from ..policies import build_scheduler
@@ -210,7 +263,7 @@ def _simulate_hybrid(cluster: ClusterSpec, batch: list[Request], plan: Plan, fin
 
     rec = simulate(cluster, build_scheduler("hybrid", cluster, batch, plan=plan), batch)
     if finishes is not None:
-        finishes.extend(r.records[-1].end_s if r.records else 0.0 for r in rec.replicas)
+        finishes.extend(_finishes(rec).tolist())
     return rec.makespan_s
 
 
