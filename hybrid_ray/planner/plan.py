@@ -123,7 +123,11 @@ def make_plan(cluster: ClusterSpec, requests: list[Request], predicted_output: n
             "chain_bound_s": lb.chain_s, "work_bound_s": lb.work_s, "steps_bound_s": lb.steps_s,
             "speeds": speed_of_group.tolist(), "latency_moves": repaired}
 
+    orders: dict[tuple, np.ndarray] = {}      # (replica, mode, its requests) -> start order
+
     def build(assign: np.ndarray, banded: bool, slots: bool = False) -> Plan:
+        """The plan of an assignment; a replica's start order is computed once per set of requests
+        (the refining search rebuilds plans that differ on two replicas)."""
         order: dict[str, list[str]] = {r.name: [] for r in replicas}
         finish: dict[str, float] = {}
         est = estimated_finish(cluster, prompt, output, assign) if banded else None
@@ -138,7 +142,11 @@ def make_plan(cluster: ClusterSpec, requests: list[Request], predicted_output: n
                 top = np.sort(peak[idx])[-TAIL_BATCHES * b:] if len(idx) else peak[idx]
                 kv_bound = len(top) and b * float(top.mean()) > r.group.kv_capacity_tokens
                 mode = "short-tail" if kv_bound else ("slots" if slots else "longest")
-            idx = start_order(idx, work[gidx[m], idx], r.group.max_batch_size, mode, output[idx], prompt[idx])
+            key = (m, mode, idx.tobytes())
+            if key not in orders:
+                orders[key] = start_order(idx, work[gidx[m], idx], r.group.max_batch_size, mode, output[idx],
+                                          prompt[idx])
+            idx = orders[key]
             order[r.name] = [requests[j].id for j in idx]
             finish[r.name] = (float(est[m]) if banded else
                               max(float(work[gidx[m], idx].sum()), float(latency[gidx[m], idx].max(initial=0.0))))
