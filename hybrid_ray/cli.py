@@ -267,8 +267,11 @@ def _solve_time_note(plan) -> str:
     pack = plan.info.get("pack_solve_time_s")
     if pack is None or not plan.info.get("simulated"):
         return f"{plan.solve_time_s:.2f} s"
-    return (f"{plan.solve_time_s:.2f} s (packing {pack:.2f} s; the rest simulates the candidate plans and "
-            f"rule settings, which the time limit does not bound)")
+    what = "the candidate plans and rule settings"
+    if plan.info.get("refine"):
+        what = "the candidate plans, rule settings and refining search"
+    return (f"{plan.solve_time_s:.2f} s (packing {pack:.2f} s; the rest simulates {what}, "
+            f"which the time limit does not bound)")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
