@@ -34,8 +34,11 @@ maximum:
   what a prompt adds on top of the iteration it rides in. With arrivals, the requests
   arriving at or after t need ``t + their work / R``. With several groups, the cheapest group
   for every request overstates capacity; a linear program over fractional assignments
-  (OR-Tools GLOP) gives a tighter, still valid, value. Every replica that holds a request also
-  pays its start-up (``_ramp``): empty slots and dear prefills before its first batch is whole.
+  (OR-Tools GLOP) gives a tighter, still valid, value, and taking apart the replica that holds
+  the longest request and the one that holds the longest request not on it (each runs at least
+  that request's iterations, full or not: ``_lp_two_longest``) tighter still. Every replica that
+  holds a request also pays its start-up (``_ramp``): empty slots and dear prefills before its
+  first batch is whole.
 * **steps**: a replica holding set S runs at least ``max_r O_r`` iterations, so
   ``T >= lin'(S) + m * max(max O, sum O / B, sum KV / K)`` (and ``>= lin'(S) + y(S)``). Which
   replica holds the longest requests is unknown: mixing the terms with weights and relaxing to
