@@ -320,7 +320,7 @@ def _lp_work(cluster: ClusterSpec, terms: list[_Terms], term, types, ramp: list[
 
 
 def _lp_longest(cluster: ClusterSpec, terms: list[_Terms], chain: list[np.ndarray], types,
-                big: int, o_big: float, ramps: list[list[float]], lams=_LAMS) -> float:
+                big: int, o_big: float, ramps: list[list[float]]) -> float:
     """The work LP with the replica h that runs the longest request L taken apart (mixed clusters).
 
     A started request never leaves its replica, so h runs at least ``O_L`` iterations, each at
@@ -339,7 +339,6 @@ def _lp_longest(cluster: ClusterSpec, terms: list[_Terms], chain: list[np.ndarra
     longest = int(inv[big])
     from ortools.linear_solver import pywraplp
 
-    lin = [t.lin[first] for t in terms]
     work = [[(t.lin + w(t))[first] for w in _WORK_TERMS] for t in terms]
     least = np.inf
     for gs in sorted(range(len(terms)), key=lambda k: float(chain[k][big])):
@@ -360,14 +359,8 @@ def _lp_longest(cluster: ClusterSpec, terms: list[_Terms], chain: list[np.ndarra
             n = g.count - (gi == gs)
             for size, ramp in zip(work[gi], ramps[gi]):
                 solver.Add(sum(float(size[j]) * x[gi][j] for j in span) <= n * makespan - n * ramp)
-        t = terms[gs]
-        for lam in lams:                                    # h: I iterations, each at least m (mixed)
-            own = lin[gs] + (lam * t.pre + (1 - lam) * t.pre_full)[first]
-            solver.Add((lam * t.m + (1 - lam) * t.m_pre) * iters
-                       + sum(float(own[j]) * h[j] for j in span) <= makespan)
-        solver.Add(sum(float((t.lin + t.y)[first][j]) * h[j] for j in span) <= makespan)
-        for share in ((t.o / t.batch)[first], (t.kv / t.kv_cap)[first]):       # iterations per batch, per KV
-            solver.Add(iters >= sum(float(share[j]) * h[j] for j in span))
+        for row in _own_rows(terms[gs], first, [], []):   # h's own rows (its empty slots are in I)
+            _add_row(solver, h, iters, makespan, *row)
         v = _solve_min_makespan(solver, makespan)
         if v <= 0.0:
             return 0.0                        # no proven value for this group: claim nothing
@@ -379,8 +372,8 @@ def _own_rows(t: _Terms, first: np.ndarray, work: list[np.ndarray], ramp: list[f
     """The rows of one replica of t's group as (coefficients per type, iteration coefficient,
     makespan coefficient, constant), each meaning ``coef . hold + a I + b T <= c``: its ``I``
     iterations, each at least m (mixed with the prefill line as in ``_mixed``), fit in T; it has at
-    least as many iterations as its batch and KV cache need; and its work rows with its start-up
-    hold too, as on every replica."""
+    least as many iterations as its batch and KV cache need; and the work rows ``work`` with
+    their start-ups ``ramp`` hold too, as on every replica (``_lp_longest`` passes none)."""
     lin = t.lin[first]
     for lam in _LAMS:
         yield lin + (lam * t.pre + (1 - lam) * t.pre_full)[first], lam * t.m + (1 - lam) * t.m_pre, -1.0, 0.0
@@ -389,6 +382,18 @@ def _own_rows(t: _Terms, first: np.ndarray, work: list[np.ndarray], ramp: list[f
         yield share, -1.0, 0.0, 0.0
     for size, r in zip(work, ramp):
         yield size, 0.0, -1.0, -r
+
+
+def _add_row(solver, hold: list, iters, makespan, coef: np.ndarray, a: float, b: float, c: float):
+    """Add ``coef . hold + a iters + b makespan <= c`` (a row of ``_own_rows``, or a pool's work
+    row with ``iters`` None) to ``solver``; returns the constraint."""
+    ct = solver.Constraint(-solver.infinity(), c)
+    for var, w in zip(hold, coef.tolist()):
+        ct.SetCoefficient(var, w)
+    if iters is not None:
+        ct.SetCoefficient(iters, a)
+    ct.SetCoefficient(makespan, b)
+    return ct
 
 
 class _TwoApart:
@@ -403,7 +408,7 @@ class _TwoApart:
         counts, first, _ = types
         self.counts = counts
         self.out = terms[0].o[first]
-        ng, nt = len(terms), len(counts)
+        ng = len(terms)
         s = self.solver = pywraplp.Solver.CreateSolver("GLOP")
         inf = s.infinity()
         self.x = [[s.NumVar(0.0, float(c), "") for c in counts] for _ in range(ng)]
@@ -425,17 +430,8 @@ class _TwoApart:
         for g, hold, iters in ((g1, h1, i1), (g2, self.h2, self.i2)):
             rows += [(hold, coef, iters, a, b, c) for coef, a, b, c in
                      _own_rows(terms[g], first, work[g], ramps[g])]
-        self.rows = []
-        for k, (hold, coef, iters, a, b, c) in enumerate(rows):
-            if keep is not None and k not in keep:
-                continue
-            ct = s.Constraint(-inf, c)
-            for j in range(nt):
-                ct.SetCoefficient(hold[j], float(coef[j]))
-            if iters is not None:
-                ct.SetCoefficient(iters, a)
-            ct.SetCoefficient(self.makespan, b)
-            self.rows.append((k, ct))
+        self.rows = [(k, _add_row(s, hold, iters, self.makespan, coef, a, b, c))
+                     for k, (hold, coef, iters, a, b, c) in enumerate(rows) if keep is None or k in keep]
         s.Minimize(self.makespan)
 
     def solve(self, v: float, forced: bool) -> float:

@@ -216,18 +216,12 @@ def refine_plan(cluster: ClusterSpec, batch: list[Request], plan: Plan, rebuild,
     index = {r.name: k for k, r in enumerate(cluster.replicas())}
     assign = np.array([index[plan.assignment[q.id]] for q in batch])
 
-    from ..policies import build_scheduler
-    from ..simulator import simulate
-
-    def run(p: Plan):
-        return simulate(cluster, build_scheduler("hybrid", cluster, batch, plan=p), batch)
-
     def finishes_of(a: np.ndarray) -> np.ndarray:
         trial = rebuild(a)
         trial.info = dict(plan.info)
-        return _finishes(run(trial))
+        return _finishes(_run_hybrid(cluster, batch, trial))
 
-    first = run(plan)                 # what a run costs decides how many the search may spend
+    first = _run_hybrid(cluster, batch, plan)                 # what a run costs decides how many the search may spend
     iterations = max(1, sum(len(r.records) for r in first.replicas))
     budget = max(1, min(REFINE_SIMULATIONS, REFINE_ITERATIONS // iterations))
     res = refine_assignment(assign, finishes_of, work, gidx, budget, seed, _finishes(first))
@@ -264,12 +258,17 @@ def _finishes(rec) -> np.ndarray:
     return np.array([r.records[-1].end_s if r.records else 0.0 for r in rec.replicas])
 
 
-def _simulate_hybrid(cluster: ClusterSpec, batch: list[Request], plan: Plan, finishes: list | None = None) -> float:
-    """The hybrid's simulated makespan on ``plan``; each replica's finish appended to ``finishes``."""
+def _run_hybrid(cluster: ClusterSpec, batch: list[Request], plan: Plan):
+    """The hybrid's simulated run (its RunRecord) on ``plan``."""
     from ..policies import build_scheduler
     from ..simulator import simulate
 
-    rec = simulate(cluster, build_scheduler("hybrid", cluster, batch, plan=plan), batch)
+    return simulate(cluster, build_scheduler("hybrid", cluster, batch, plan=plan), batch)
+
+
+def _simulate_hybrid(cluster: ClusterSpec, batch: list[Request], plan: Plan, finishes: list | None = None) -> float:
+    """The hybrid's simulated makespan on ``plan``; each replica's finish appended to ``finishes``."""
+    rec = _run_hybrid(cluster, batch, plan)
     if finishes is not None:
         finishes.extend(_finishes(rec).tolist())
     return rec.makespan_s
