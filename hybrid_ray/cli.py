@@ -1,4 +1,4 @@
-"""`hybrid-ray` command line: simulate | plan | run | bench | fit-cost-model | profile | make-model.
+"""`hybrid-ray` command line: simulate | plan | run | bench | fit-cost-model | profile | make-model | make-workload.
 
 User errors (bad YAML, bad workload, impossible request, an option out of range or in conflict, an
 output that cannot be written, --plot without matplotlib) print one clear line and exit 2, and are
@@ -17,8 +17,9 @@ from typing import Callable
 from . import __version__
 from .errors import HybridRayError, UsageError, one_line
 from .inputs import DEFAULT_CONFIG, DEFAULT_WORKLOAD, load_inputs
+from .planner.budget import PLAN_SHARE
+from .progress import PhaseLine
 
-DEFAULT_TIME_LIMIT_S = 5.0
 
 
 # -- option values: range-checked by argparse, so a bad one is one line naming the option ------------
@@ -44,6 +45,7 @@ def _number(minimum: float, *, strict: bool, integer: bool = False, unit: str = 
 _POSITIVE_INT = _number(1, strict=False, integer=True)
 _SECONDS = _number(0, strict=True, unit="seconds")
 _POSITIVE = _number(0, strict=True)
+_NONNEGATIVE = _number(0, strict=False)
 
 
 def _ray_cpus(text: str) -> float:
@@ -80,8 +82,9 @@ class _WorkloadAction(argparse.Action):
         setattr(namespace, self.dest, values)
 
 WORKLOAD_HELP = ("gsm8k (1,319 GSM8K questions, all at t=0), azure-conv / azure-code (Azure 2023 "
-                 "traces with real arrival times), or a .jsonl/.csv file with prompt_tokens, "
-                 "output_tokens[, id, arrival_s]")
+                 "traces with real arrival times), mixed-tasks[:N[:SEED]] (generated text prompts of five "
+                 "tasks, 3,000 by default), or a .jsonl/.csv file with prompt_tokens, "
+                 "output_tokens[, id, arrival_s, prompt or messages, max_tokens, model]")
 
 
 def _add_inputs(p: argparse.ArgumentParser) -> None:
@@ -104,18 +107,25 @@ def _add_inputs(p: argparse.ArgumentParser) -> None:
 
 
 def _add_policy_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lengths", default="oracle", choices=["oracle", "quantile", "online"],
-                   help="output lengths the policies may use: oracle = known in advance (the paper's setting); "
-                        "quantile = predicted from a seeded 10%% history sample (or --history); online = learned "
-                        "from this run's completions by prompt-length bucket and model, queued work re-predicted "
-                        "as they move (default: oracle)")
-    p.add_argument("--history", metavar="FILE", default=None,
-                   help="an earlier run's output (results JSONL or OpenAI batch output) whose prompt/output "
-                        "token counts start --lengths online (and replace quantile's sample)")
+    p.add_argument("--lengths", default=None, choices=["oracle", "quantile", "online", "learned"],
+                   help="output lengths the policies may use: oracle = known in advance (the paper's setting; for "
+                        "an OpenAI batch, max_tokens); quantile = predicted from a seeded 10%% history sample (or "
+                        "--history); online = learned from this run's completions by prompt-length bucket and "
+                        "model, queued work re-predicted as they move; learned = read from the request (prompt "
+                        "text, kind, model, system prompt, max_tokens, prompt length) by a model fitted on "
+                        "--history and this run's completions, p50/p90 capped at max_tokens (docs/scheduling.md "
+                        "section 5) (default: learned for an OpenAI batch input, whose lengths are unknown; "
+                        "oracle otherwise)")
+    p.add_argument("--history", metavar="FILE", default=None, action="append",
+                   help="an earlier run's requests and output lengths to start --lengths online/learned (and "
+                        "replace quantile's sample): its output (results JSONL or OpenAI batch output; add the "
+                        "batch input as another --history for its prompts), or a workload file with prompt text "
+                        "and output_tokens (e.g. a pilot run's); repeatable")
     p.add_argument("--time-limit", type=_SECONDS, default=None,
-                   help="wall-clock seconds the planner may take for planned policies (offline, hybrid; "
-                        f"default: {DEFAULT_TIME_LIMIT_S:g} for run; none for simulate, whose plans then follow "
-                        "the deterministic budget alone, so that a run is the same under any load)")
+                   help="wall-clock seconds the whole plan may take (packing, candidate simulations, rule "
+                        "settings, refining) for planned policies (offline, hybrid). Default: a deterministic "
+                        "budget scaled to the batch, 2%% of the makespan it plans at the simulator's nominal "
+                        "speed, so that a plan is the same under any load (a loaded host takes longer)")
 
 
 def _add_deterministic_time(p: argparse.ArgumentParser) -> None:
@@ -140,7 +150,7 @@ def _assignment_note(plan) -> str:
     if plan.method == "tiers" and cuts:
         note += "; calibrated cuts " + " -> ".join(f"{v:.3f}" for v in cuts) + " s"
     if plan.info.get("rule"):
-        from .planner.plan import rule_label
+        from .planning import rule_label
         note += "; online rule " + rule_label(plan.info["rule"])
     refine = plan.info.get("refine")
     if refine:
@@ -150,21 +160,34 @@ def _assignment_note(plan) -> str:
 
 
 def _budget(args: argparse.Namespace) -> dict:
-    """``deterministic_time=`` for the planner when --deterministic-time was given."""
+    """The planner's budget options: ``deterministic_time=`` when --deterministic-time was given;
+    ``plan_share=`` (the scaled default) when neither it nor --time-limit was; and the live line."""
     det = getattr(args, "deterministic_time", None)
-    return {} if det is None else {"deterministic_time": det}
+    opts: dict = {"progress": PhaseLine("plan")}
+    if det is not None:
+        opts["deterministic_time"] = det
+    elif not math.isfinite(args.time_limit):
+        opts["plan_share"] = PLAN_SHARE
+    return opts
+
+
+def _plan_cost_row(plan, makespan_s: float) -> tuple[str, str]:
+    """The planner's wall time and its share of the makespan it planned (issue: at most PLAN_SHARE)."""
+    wall = float(plan.info.get("plan_wall_s", plan.solve_time_s))
+    share = f" ({100 * wall / makespan_s:.1f} % of the makespan)" if makespan_s > 0 else ""
+    return ("planning wall time", f"{wall:.2f} s{share}")
 
 
 # Policies whose schedule depends on --seed (CP-SAT's search for the planned ones, serve's draws).
-_SEEDED_POLICIES = ("offline", "hybrid", "serve")
+_SEEDED_POLICIES = ("offline", "hybrid", "serve", "serve-llm")
 
 
 def _seed_is_used(args: argparse.Namespace) -> bool:
-    if args.limit is not None:
+    if args.limit is not None or (getattr(args, "cost_noise", None) or 0) > 0:
         return True
     if args.command == "plan":
         return args.method == "cpsat"
-    return args.lengths == "quantile" or args.policy in _SEEDED_POLICIES
+    return args.lengths in ("quantile", "learned") or getattr(args, "policy", "hybrid") in _SEEDED_POLICIES
 
 
 def _importable(name: str) -> bool:
@@ -174,14 +197,23 @@ def _importable(name: str) -> bool:
         return False
 
 
+def _default_lengths(args: argparse.Namespace) -> None:
+    """``--lengths`` left out: learned for an OpenAI batch input (its output lengths are unknown: the
+    oracle would know only max_tokens), oracle (the paper's setting) for workloads with true lengths."""
+    if hasattr(args, "lengths") and args.lengths is None:
+        from .openai_batch import is_batch_workload
+        args.lengths = "learned" if is_batch_workload(args.workload) else "oracle"
+
+
 def _preflight(args: argparse.Namespace) -> None:
     """Everything about the command line that can be wrong, checked before anything runs (Ray included)."""
+    _default_lengths(args)
     if getattr(args, "time_limit", False) is None:   # a deterministic budget alone: no wall-clock limit
-        # the simulator is deterministic, so its plans are too by default (a load-independent budget)
-        deterministic = getattr(args, "deterministic_time", None) or args.command == "simulate"
-        args.time_limit = math.inf if deterministic else DEFAULT_TIME_LIMIT_S
-    if args.command in ("simulate", "plan", "run") and args.seed is not None and not _seed_is_used(args):
+        # (--deterministic-time's, or the default scaled to the batch): the same plan under any load
+        args.time_limit = math.inf
+    if args.command in ("simulate", "compare", "plan", "run") and args.seed is not None and not _seed_is_used(args):
         raise UsageError(f"--seed {args.seed} changes nothing here: it seeds the --limit sample, --lengths quantile, "
+                         f"{'--cost-noise, ' if args.command == 'simulate' else ''}"
                          f"the {'/'.join(_SEEDED_POLICIES)} policies{' and CP-SAT' if args.command == 'plan' else ''}; "
                          f"add --limit N to sample N requests, or drop --seed")
     from .results import check_writable
@@ -214,23 +246,32 @@ def _write_json(path: str | None, data: dict) -> None:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from .metrics import format_summary, summarize
     from .planner.bounds import lower_bound
-    from .policies import build_scheduler
-    from .simulator import simulate
+    from .planning import build_scheduler
+    from .simulator import CostNoise, simulate
 
     cluster, requests = load_inputs(args.config, args.workload, args.limit, args.seed)
     print(f"simulating {len(requests)} requests of {args.workload} on {cluster.name} "
-          f"({cluster.num_replicas} replicas), policy {args.policy}", flush=True)
+          f"({cluster.num_replicas} replicas), policy {args.policy}"
+          + (f", cost noise {args.cost_noise:g} (seed {args.seed or 0})" if args.cost_noise else ""), flush=True)
     t0 = time.perf_counter()
     history = None
     if args.history:
         from .history import load_history
         history = load_history(args.history)
+    budget = _budget(args)
     scheduler = build_scheduler(args.policy, cluster, requests, lengths=args.lengths, seed=args.seed or 0,
-                                history=history, time_limit_s=args.time_limit, **_budget(args))
-    record = simulate(cluster, scheduler, requests)
+                                history=history, time_limit_s=args.time_limit, **budget)
+    budget["progress"].close()
+    noise = CostNoise(args.cost_noise, args.seed or 0) if args.cost_noise else None
+    record = simulate(cluster, scheduler, requests, noise=noise)
     summary = summarize(record, lower_bound(cluster, requests).value_s)
     wall = time.perf_counter() - t0
     print(format_summary(summary))
+    plan = scheduler.info.get("plan")
+    plan_wall = float(plan.info.get("plan_wall_s", plan.solve_time_s)) if plan is not None else 0.0
+    if plan is not None:
+        key, value = _plan_cost_row(plan, summary.makespan_s)
+        print(f"  {key.ljust(32)}  {value}")
     print(f"  {'simulated in'.ljust(32)}  {wall:.2f} s wall")
     if args.output:                         # per-request lines; OpenAI batch output for a batch input
         from .openai_batch import write_simulated_output
@@ -238,12 +279,69 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.plot:
         runs = [(args.policy, record, summary)]
         if args.policy != "baseline":      # the reference a reader compares against
-            base = simulate(cluster, build_scheduler("baseline", cluster, requests), requests)
+            base = simulate(cluster, build_scheduler("baseline", cluster, requests), requests, noise=noise)
             runs.insert(0, ("baseline", base, summarize(base, summary.lower_bound_s)))
         _plot(args.plot, runs, summary.lower_bound_s)
     data = summary.to_dict()
-    data.update(config=cluster.source, workload=args.workload, wall_s=wall, lengths=args.lengths)
+    data.update(config=cluster.source, workload=args.workload, wall_s=wall, lengths=args.lengths,
+                cost_noise=args.cost_noise, plan_wall_s=plan_wall,
+                plan_share_of_makespan=plan_wall / summary.makespan_s if summary.makespan_s > 0 else 0.0)
     _write_json(args.json, data)
+    return 0
+
+
+# the faithful baselines the main job runs beside the hybrid (docs/scheduling.md section 7), as deployed
+# by default and as tuned; the strongest on the batch is the one to beat
+COMPARE_BASELINES = ("vllm", "serve", "serve-llm", "raydata", "lpt-engine")
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """The main job: the hybrid and every faithful baseline on the same inputs, the strongest
+    baseline beside the hybrid with the lower bound, each gap and the plan's wall time."""
+    from .metrics import summarize
+    from .planner.bounds import lower_bound
+    from .planning import build_scheduler
+    from .schedulers import BUILDERS
+    from .simulator import simulate
+
+    cluster, requests = load_inputs(args.config, args.workload, args.limit, args.seed)
+    print(f"hybrid-ray: {len(requests)} requests of {args.workload} on {cluster.name} "
+          f"({cluster.num_replicas} simulated replicas), lengths {args.lengths}: the hybrid against "
+          f"the faithful baselines", flush=True)
+    history = None
+    if args.history:
+        from .history import load_history
+        history = load_history(args.history)
+    bound = lower_bound(cluster, requests).value_s
+    rows = []
+    for name in ("hybrid", *[b for b in COMPARE_BASELINES if b in BUILDERS]):
+        budget = _budget(args) if name == "hybrid" else {}
+        t0 = time.perf_counter()
+        sch = build_scheduler(name, cluster, requests, lengths=args.lengths, seed=args.seed or 0, history=history,
+                              time_limit_s=args.time_limit, **budget)
+        if budget:
+            budget["progress"].close()
+        plan = sch.info.get("plan")
+        plan_wall = float(plan.info.get("plan_wall_s", plan.solve_time_s)) if plan is not None else 0.0
+        summary = summarize(simulate(cluster, sch, requests), bound)
+        rows.append((name, summary, plan_wall, time.perf_counter() - t0))
+    hybrid = rows[0]
+    best = min(rows[1:], key=lambda r: r[1].makespan_s)
+    lines = ["| policy | total time | busy utilization | gap to bound | planning wall |", "|---|---|---|---|---|"]
+    for name, sm, plan_wall, _ in sorted(rows, key=lambda r: r[1].makespan_s):
+        mark = " (strongest baseline)" if name == best[0] else ""
+        lines.append(f"| {name}{mark} | {sm.makespan_s:.2f} s | {100 * sm.utilization_busy:.1f} % | "
+                     f"{100 * sm.gap:.1f} % | {f'{plan_wall:.2f} s' if name == 'hybrid' else '-'} |")
+    lines.append(f"| lower bound | {bound:.2f} s | | | |")
+    print("\n".join(lines))
+    h, b = hybrid[1].makespan_s, best[1].makespan_s
+    verdict = "faster" if h < b else "slower"
+    print(f"hybrid vs the strongest baseline ({best[0]}): {h:.2f} s vs {b:.2f} s, {100 * abs(1 - h / b):.1f} % "
+          f"{verdict}; planning took {hybrid[2]:.2f} s wall ({100 * hybrid[2] / h:.1f} % of the hybrid's makespan). "
+          f"Simulated: `hybrid-ray run` runs it on Ray actors, `hybrid-ray --help` lists every command.")
+    _write_json(args.json, {"config": cluster.source, "workload": args.workload, "lengths": args.lengths,
+                            "lower_bound_s": bound, "strongest_baseline": best[0],
+                            "policies": {n: dict(sm.to_dict(), plan_wall_s=pw, wall_s=w) for n, sm, pw, w in rows}})
     return 0
 
 
@@ -270,21 +368,28 @@ def _solve_time_note(plan) -> str:
     what = "the candidate plans and rule settings"
     if plan.info.get("refine"):
         what = "the candidate plans, rule settings and refining search"
-    return (f"{plan.solve_time_s:.2f} s (packing {pack:.2f} s; the rest simulates {what}, "
-            f"which the time limit does not bound)")
+    b = plan.info.get("budget") or {}
+    left_out = ", ".join(f"{k} x{v}" for k, v in (b.get("skipped") or {}).items())
+    within = (f"within the {b['wall_s']:g} s limit" if b.get("wall_s") else
+              f"within {b['iterations']:,} simulated iterations" if b.get("iterations") is not None else "no limit")
+    return (f"{plan.solve_time_s:.2f} s (packing {pack:.2f} s; the rest simulates {what}, {within}"
+            + (f"; left out for the budget: {left_out}" if left_out else "") + ")")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .planner.plan import make_plan
+    from .planning import make_plan
 
     cluster, requests = load_inputs(args.config, args.workload, args.limit, args.seed)
-    limit = (f"time limit {args.time_limit:g} s" if math.isfinite(args.time_limit) else "no time limit") + (
-        f", deterministic budget {args.deterministic_time:g}" if args.deterministic_time else "")
+    limit = (f"time limit {args.time_limit:g} s" if math.isfinite(args.time_limit) else
+             f"deterministic budget {args.deterministic_time:g}" if args.deterministic_time else
+             f"budget {100 * PLAN_SHARE:g} % of the makespan")
     print(f"planning {len(requests)} requests of {args.workload} on {cluster.name} "
           f"({cluster.num_replicas} replicas) with {args.method}, {limit}, "
           f"{args.workers} workers", flush=True)
+    budget = _budget(args)
     plan = make_plan(cluster, requests, method=args.method, time_limit_s=args.time_limit, workers=args.workers,
-                     seed=args.seed or 0, **_budget(args))
+                     seed=args.seed or 0, **budget)
+    budget["progress"].close()
     fin = sorted(plan.predicted_finish_s.values())
     rows = [("planned makespan", f"{plan.planned_makespan_s:.2f} s"),
             ("lower bound (any policy)", f"{plan.lower_bound_s:.2f} s"),
@@ -298,7 +403,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     w = max(len(k) for k, _ in rows)
     print("\n".join(f"  {k.ljust(w)}  {v}" for k, v in rows))
     data = plan.to_dict()
-    data.update(config=cluster.source, workload=args.workload)
+    data.update(config=cluster.source, workload=args.workload, plan_wall_s=plan.info.get("plan_wall_s"))
     _write_json(args.json, data)
     return 0
 
@@ -314,7 +419,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                       time_scale=args.time_scale, report_interval_s=args.report_interval,
                       cpus_per_replica=args.cpus_per_replica, lengths=args.lengths, plan_method=args.plan_method,
                       plan_time_limit_s=args.time_limit, plan_deterministic_time=args.deterministic_time,
-                      heartbeat_timeout_s=args.heartbeat_timeout,
+                      plan_share=_budget(args).get("plan_share"), heartbeat_timeout_s=args.heartbeat_timeout,
                       startup_timeout_s=args.startup_timeout, connect_timeout_s=args.connect_timeout,
                       progress=not args.no_progress)
     opts.engine, opts.model, opts.device = args.engine, args.model, args.device
@@ -336,6 +441,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(format_summary(res.summary))
     rows = [("engine", res.engine),
             ("wall time", f"{res.wall_s:.2f} s (run {res.run_wall_s:.2f} s at time_scale {res.time_scale:g})"),
+            ("engines ready / first iteration", f"{res.engines_ready_s:.2f} / {res.first_iteration_s:.2f} s after start"
+             + (f"; full plan at {res.plan_wall_s:.2f} s, {res.plan_moved} requests moved" if res.plan_wall_s is not None
+                else f"; no full plan ({res.planner_error}): initial plan" if res.planner_error
+                else "; the run ended before the full plan: initial plan" if res.plan is not None else "")),
             ("failed replicas / requeued", f"{len(res.failed_replicas)}"
              + (f" ({', '.join(res.failed_replicas)})" if res.failed_replicas else "") + f" / {res.requeued}"),
             ("controller decision p99", f"{1e3 * res.controller_decision_p99_s:.3f} ms"),
@@ -380,6 +489,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elif args.which == "simscale":
         from .bench.simscale import main as simscale_main
         simscale_main(args.out)
+    elif args.which == "planscale":                 # the whole plan's wall time, 1k to 1M requests
+        from .bench.planscale import main as planscale_main
+        planscale_main(args.out or "results/planscale.json")
     elif args.which == "fidelity":                  # real tiny model on CPU ([engine] extra); --out: JSON
         from .bench.fidelity import main as fidelity_main
         fidelity_main(args.out)
@@ -428,15 +540,28 @@ def cmd_make_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_make_workload(args: argparse.Namespace) -> int:
+    """`hybrid-ray make-workload mixed-tasks -o FILE`: the mixed-task text workload (mixed_tasks.py)."""
+    from .mixed_tasks import write_jsonl
+
+    try:
+        path = write_jsonl(args.output, args.n, args.seed, fmt=args.format)
+    except OSError as e:
+        raise UsageError(f"-o {args.output}: cannot write ({e.strerror or e})") from None
+    print(f"wrote {path} ({args.n} requests, seed {args.seed})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .policies import DESCRIPTIONS
+    from .schedulers import DESCRIPTIONS
     from .profiling import add_engine_options, add_profile_command
 
     p = _Parser(
         prog="hybrid-ray",
         description="Hybrid offline-online scheduling of LLM inference over Ray model replicas. "
-                    "With no subcommand, runs `simulate` on the embedded default "
-                    f"({DEFAULT_CONFIG} config, {DEFAULT_WORKLOAD}).")
+                    "With no arguments, runs `compare` (the hybrid beside the faithful baselines) on the "
+                    f"embedded default ({DEFAULT_CONFIG} config, {DEFAULT_WORKLOAD}); with options but no "
+                    "subcommand, `simulate`.")
     p.add_argument("--version", action="version", version=f"hybrid-ray {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -448,12 +573,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="; ".join(f"{k}: {v}" for k, v in DESCRIPTIONS.items()) + " (default: baseline)")
     _add_policy_options(s)
     _add_deterministic_time(s)
+    s.add_argument("--cost-noise", type=_NONNEGATIVE, default=0.0, metavar="SIGMA",
+                   help="model error: each replica's iterations take the cost model's time x a fixed per-replica "
+                        "lognormal bias (sigma SIGMA, median 1) x a per-iteration lognormal factor with mean 1, "
+                        "seeded by --seed; the planner and every policy still see the nominal model (default: 0, "
+                        "the exact model)")
     s.add_argument("-o", "--output", metavar="JSONL", default=None, help="write one line per request after the "
                    "simulation, in completion order (OpenAI batch output lines for an OpenAI batch input)")
     s.add_argument("--plot", metavar="DIR", default=None,
                    help="write gantt.png, occupancy.png and finish_times.png to DIR (this run beside the "
                         "baseline; needs the [plot] extra)")
     s.set_defaults(func=cmd_simulate)
+
+    c = sub.add_parser("compare", help="the main job: the hybrid beside every faithful baseline (simulated)",
+                       description="Simulate the hybrid and the faithful baselines (" + ", ".join(COMPARE_BASELINES)
+                                   + ") on the same inputs and print them side by side with the lower bound, "
+                                     "each gap and the plan's wall time. `hybrid-ray` with no arguments runs it "
+                                     "on the embedded default.")
+    _add_inputs(c)
+    _add_policy_options(c)
+    _add_deterministic_time(c)
+    c.set_defaults(func=cmd_compare)
 
     pl = sub.add_parser("plan", help="offline plan: CP-SAT makespan bin packing + lower bound",
                         description="Assign every request to a replica minimising the makespan (OR-Tools "
@@ -463,7 +603,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--method", default="cpsat", choices=["cpsat", "lpt", "multifit", "kk"],
                     help="packing method (default: cpsat, which returns the best of itself and the heuristics)")
     pl.add_argument("--time-limit", type=_SECONDS, default=None,
-                    help=f"wall-clock seconds for the whole plan (default: {DEFAULT_TIME_LIMIT_S:g})")
+                    help="wall-clock seconds for the whole plan (default: a deterministic budget scaled to the "
+                         "batch, 2%% of its makespan at the simulator's nominal speed)")
     _add_deterministic_time(pl)
     pl.add_argument("--workers", type=_POSITIVE_INT, default=2, help="CP-SAT search workers (default: 2)")
     pl.set_defaults(func=cmd_plan)
@@ -518,7 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "decision: latency of one online decision at batch 256 with 1,000 waiting. "
                                    "docs: rewrite the tables between <!-- bench:NAME --> markers in README.md and "
                                    "docs/*.md (--check: compare only, exit 1 if any differ).")
-    b.add_argument("which", choices=["paper", "cases", "perf", "decision", "load", "baselines", "simscale", "vs-vllm", "fidelity",
+    b.add_argument("which", choices=["paper", "cases", "perf", "decision", "load", "baselines", "simscale", "planscale", "vs-vllm", "fidelity",
                                      "docs"],
                    help="which benchmark (vs-vllm: hybrid-ray beside vLLM's scheduler, vllm run_batch and Ray Data "
                         "LLM on the same CPU replicas; needs vLLM: python -m hybrid_ray.bench.vs_vllm --help)")
@@ -559,6 +700,22 @@ def build_parser() -> argparse.ArgumentParser:
     mm.add_argument("dir", help="directory to write (new or empty)")
     mm.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     mm.set_defaults(func=cmd_make_model)
+    mw = sub.add_parser("make-workload", help="write a generated text workload (mixed-tasks: five task kinds with "
+                                              "prompt text and true output lengths) as a JSONL file",
+                        description="Write the mixed-task workload: classification, summaries, stories, translation "
+                                    "and math prompts (templates, GSM8K questions, seeded random words) with "
+                                    "prompt_tokens consistent with the text and true output_tokens drawn per task "
+                                    "(docs/scheduling.md section 5). --workload mixed-tasks[:N[:SEED]] is the same "
+                                    "without a file; a different --seed makes a disjoint history.")
+    mw.add_argument("name", choices=["mixed-tasks"], help="which generator")
+    mw.add_argument("--n", type=_POSITIVE_INT, default=3000, help="requests (default 3000)")
+    mw.add_argument("--seed", type=int, default=0, help="generator seed (default 0; the docs' history uses 1)")
+    mw.add_argument("--format", choices=["workload", "batch"], default="workload",
+                    help="workload: prompt/messages, prompt_tokens, output_tokens, max_tokens, model per line "
+                         "(--workload FILE, --history FILE); batch: OpenAI batch input lines with the true length "
+                         "as body.output_tokens (-i FILE) (default: workload)")
+    mw.add_argument("-o", "--output", required=True, metavar="JSONL", help="file to write")
+    mw.set_defaults(func=cmd_make_workload)
     add_profile_command(sub)
     return p
 
@@ -570,8 +727,10 @@ def main(argv: list[str] | None = None) -> int:
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             commands.update(action.choices)
-    if not argv or argv[0] not in commands:
-        argv = ["simulate"] + argv          # the embedded default: `hybrid-ray [simulate options]`
+    if not argv:
+        argv = ["compare"]                  # the main job: the hybrid beside the faithful baselines
+    elif argv[0] not in commands:
+        argv = ["simulate"] + argv          # `hybrid-ray [simulate options]`
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:            # --help, --version, or a one-line option error (_Parser.error)

@@ -19,7 +19,7 @@ Schema (see ``cluster_configs/*.yaml`` for commented examples)::
         cost_model:
           prefill: {floor_s, base_s, per_token_s, per_token_sq_s (optional)}   all >= 0
           decode:  {base_s > 0, per_seq_s, per_ctx_token_s}                    all >= 0
-    policy: {policy name: {knob: value}}        optional; names, knobs and ranges from policies.KNOBS
+    policy: {policy name: {knob: value}}        optional; names, knobs and ranges from knobs.KNOBS
                                                 and KNOB_RANGES, checked here so a bad knob fails at load
 """
 from __future__ import annotations
@@ -37,6 +37,7 @@ import yaml
 
 from .costmodel import CostModel, DecodeCost, PrefillCost
 from .errors import ConfigError, one_line
+from .knobs import KnobError, check_policy_knobs
 
 T = TypeVar("T")
 
@@ -99,7 +100,7 @@ class ClusterSpec:
     groups: tuple[ReplicaGroupSpec, ...]
     time_scale: float = 1.0          # emulated engine: real seconds slept per modelled second
     source: str = "<memory>"         # file it came from, for messages
-    policy: dict = field(default_factory=dict)   # policy knobs by policy name (validated by policies)
+    policy: dict = field(default_factory=dict)   # policy knobs by policy name (validated by knobs.py)
     engine: EngineChoice | None = None           # `run`'s default engine (None: emulated)
 
     def replicas(self) -> list[ReplicaSpec]:
@@ -497,10 +498,8 @@ def _parse_cost_model(value: object, path: str) -> CostModel:
 
 
 def _parse_policy(value: object, path: str) -> dict:
-    """Policy name -> knobs, each name, knob and range checked against ``policies.KNOBS`` /
+    """Policy name -> knobs, each name, knob and range checked against ``knobs.KNOBS`` /
     ``KNOB_RANGES`` now, so every command fails at load (before Ray starts) on a bad knob."""
-    from .policies import KnobError, check_policy_knobs   # lazy: the policies import this module
-
     policy = _as_mapping(value, path)
     for name, knobs in policy.items():
         if not isinstance(name, str) or not name:

@@ -60,6 +60,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import RuntimeSetupError, WorkloadError, one_line
 from .payload import LENGTH, STOP, Payload, SamplingSpec
+from .promptinfo import PromptInfo, prompt_info
 from .results import (CompletionRecord, ErrorLine, OutputFormat, ResultsError, ResultsFile, ResultsWriter,
                       read_results, replace_file)
 from .workload import BUILTIN_WORKLOADS, Request, _check_limit, _select
@@ -158,7 +159,7 @@ class BatchInput:
 
     def output_format(self) -> OutputFormat:
         """How a run writes, reads back and finally orders this batch's output file."""
-        return OutputFormat(self.formatter(), parse_output_line, self.reorder)
+        return OutputFormat(self.formatter(), parse_output_line, self.reorder, self.error_formatter())
 
     def positions(self) -> dict[str, int]:
         """custom_id -> input line, for every line that has one (valid, or an error keyed by custom_id)."""
@@ -200,6 +201,16 @@ class BatchInput:
                 return _dumps(format_success(rec))
             return _dumps(format_success(rec, meta.custom_id, url=meta.url, model=meta.model,
                                          max_tokens=meta.max_tokens))
+        return fmt
+
+    def error_formatter(self) -> Callable[[str, str, str], str]:
+        """(custom_id, code, message) -> its error output line, at the input line's place: a request
+        that ran but will not complete (the engine failed on it twice, ``actors/driver.py``)."""
+        lines = self.lines
+
+        def fmt(cid: str, code: str, message: str) -> str:
+            meta = lines.get(cid)
+            return _dumps(format_error(cid, code, message, line=None if meta is None else meta.line))
         return fmt
 
     def pending_errors(self, existing: ResultsFile) -> list[BatchLineError]:
@@ -431,6 +442,17 @@ def _model_prompt(url: str, body: dict, encoder: PromptEncoder) -> list[int]:
         raise _LineError(INVALID_REQUEST, str(e)) from None
 
 
+def _prompt_info(url: str, body: dict, model: str, max_tokens: int) -> PromptInfo:
+    """What a length predictor may read of the line (validated body): its prompt text or token ids, the
+    kind, the model, its system prompt's hash and max_tokens (``promptinfo.PromptInfo``)."""
+    if url == CHAT_URL:
+        return prompt_info(messages=_messages(body), model=model, max_tokens=max_tokens)
+    prompt = _completion_prompt(body)
+    if isinstance(prompt, str):
+        return prompt_info(text=prompt, kind="completion", model=model, max_tokens=max_tokens)
+    return prompt_info(token_ids=prompt, kind="completion", model=model, max_tokens=max_tokens)
+
+
 def parse_line(text: str, line_no: int, tokenizer: Tokenizer | None = None,
                chat_max_tokens: int = DEFAULT_MAX_TOKENS[CHAT_URL],
                encoder: PromptEncoder | None = None) -> BatchLine | BatchLineError:
@@ -483,9 +505,10 @@ def parse_line(text: str, line_no: int, tokenizer: Tokenizer | None = None,
         sampling = _sampling(body, bound)
         if encoder is None:
             prompt, source = _prompt_tokens(url, body, tokenizer)
-            req = Request(cid, prompt, output, 0.0)
+            req = Request(cid, prompt, output, 0.0, info=_prompt_info(url, body, model or "", bound))
         else:
             ids = _model_prompt(url, body, encoder)
+            info = _prompt_info(url, body, model or "", bound)
             ctx = encoder.context
             if ctx is not None and len(ids) + 1 > ctx:
                 raise _LineError(CONTEXT_LENGTH_EXCEEDED, f"the prompt has {len(ids)} tokens; the model's context "
@@ -494,7 +517,7 @@ def parse_line(text: str, line_no: int, tokenizer: Tokenizer | None = None,
             if ctx is not None:
                 bound = min(bound, ctx - len(ids))
             payload = Payload(tuple(ids), replace(sampling, max_tokens=bound), group=model or "")
-            req, source = Request(cid, len(ids), bound, 0.0, payload), "model"
+            req, source = Request(cid, len(ids), bound, 0.0, payload, replace(info, max_tokens=bound)), "model"
     except _LineError as exc:
         return BatchLineError(cid, line_no, exc.code, f"line {line_no}: {exc}")
     return BatchLine(cid, line_no, url, model or DEFAULT_MODEL, bound, req, source)

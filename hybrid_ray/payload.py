@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 STOP, LENGTH = "stop", "length"          # OpenAI finish reasons
+SAMPLING_EPS = 1e-5                      # vLLM's: a temperature below it samples greedily
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +35,14 @@ class SamplingSpec:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def seeded(self) -> bool:
+        """Random sampling from its own seeded generator (vLLM's ``SamplingType.RANDOM_SEED``): a seed
+        and a temperature vLLM does not treat as greedy. Such a sequence draws from a per-request
+        ``torch.Generator``, which vLLM rewinds after a partial prefill (``set_offset``), something a
+        CPU generator cannot do: see ``ReplicaState.whole_seeded``."""
+        return self.seed is not None and self.temperature >= SAMPLING_EPS
 
 
 @dataclass(frozen=True, slots=True)

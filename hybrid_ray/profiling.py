@@ -113,12 +113,15 @@ def run_replica(engine, cluster, requests, policy: str = "baseline"):
     """
     import asyncio
 
-    from .policies import build_scheduler
+    from .planning import build_scheduler
     from .replica import ReplicaState
     from .simulator import start_iteration
 
+    from .engines.base import whole_seeded_prefill
+
     sch = build_scheduler(policy, cluster, requests)
     state = ReplicaState(cluster.replicas()[0])
+    whole_seeded_prefill(engine, state)
     pol = sch.policy_factory(state)
     state.add([sch.make_sequence(q) for q in requests])
     loop = asyncio.new_event_loop()
@@ -175,7 +178,7 @@ def write_profile(points: list[ProfilePoint], path: str | Path, model: str, laye
 
 def add_engine_options(p, profile: bool = False) -> None:
     """``--engine`` / ``--model`` / ``--device``; ``run`` defaults to the config's ``engine:``, else emulated."""
-    from .engines import ENGINES
+    from .engines.factory import ENGINES
 
     kinds = ["transformers", "vllm"] if profile else list(ENGINES)
     default = "transformers" if profile else "the config's engine: if it has one, else emulated"
@@ -193,7 +196,7 @@ def add_engine_options(p, profile: bool = False) -> None:
 
 
 def add_profile_command(sub) -> None:
-    from .policies import policy_names
+    from .schedulers import policy_names
 
     pr = sub.add_parser("profile", help="time a real engine's prefill and decode iterations, fit the cost model",
                         description="Measure prefill (batch x prompt tokens) and decode (batch x context) iteration "
@@ -231,7 +234,7 @@ def cmd_profile(args) -> int:
     import re
     import time
 
-    from .engines import DEFAULT_MODEL, make_engine
+    from .engines.factory import DEFAULT_MODEL, make_engine
     from .engines.transformers import check_model
     from .inputs import load_inputs
     from .profiles import cost_model_yaml, fit_cost_model

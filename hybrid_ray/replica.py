@@ -80,6 +80,12 @@ class Sequence:
         """Any work done on it (a take-back would waste that work)."""
         return self.generated > 0 or self.prefilled > 0 or self.status != WAITING
 
+    @property
+    def seeded(self) -> bool:
+        """A real request sampled from its own seeded generator (``SamplingSpec.seeded``)."""
+        p = self.req.payload
+        return p is not None and p.sampling.seeded
+
 
 def iteration_time(cost: CostModel, kind: str, tokens: int, attn_sq: int, batch: int, ctx_tokens: int) -> float:
     """Modelled seconds of one iteration of ``kind`` with these cost features."""
@@ -171,6 +177,9 @@ class ReplicaState:
         self.kv_capacity = g.kv_capacity_tokens
         self.max_batched_tokens = g.max_batched_tokens
         self.cost = g.cost_model
+        # the engine cannot split a seeded sequence's prefill (its sampling generator cannot rewind:
+        # vLLM on CPU); set by whoever pairs this state with an engine (engines.whole_seeded_prefill)
+        self.whole_seeded = False
         self.waiting: list[Sequence] = []          # next to serve at index 0
         self.prefilling: dict[str, Sequence] = {}  # chunked prefill in progress (holds a slot)
         self.running: dict[str, Sequence] = {}     # insertion order: newest last
@@ -227,6 +236,24 @@ class ReplicaState:
         if s.status == RUNNING:
             return s.generated + self.step - s.synced_step
         return s.generated
+
+    def prefill_whole(self, s: Sequence) -> bool:
+        """``s``'s (re)prefill must be computed in one iteration: it is seeded and this replica's engine
+        cannot split a seeded prefill (``whole_seeded``)."""
+        return self.whole_seeded and s.seeded
+
+    def prefill_chunk(self, s: Sequence, limit: int) -> int:
+        """Tokens of ``s``'s next prefill chunk under a cap of ``limit``: everything it has left if that
+        fits, else ``limit``, or 0 when ``s`` must be prefilled whole (``prefill_whole``) and does not
+        fit. Every policy chunks prompts through this, so no policy splits what the engine cannot.
+        A whole prompt longer than any chunk goes first in a prefill-only iteration, which ``begin``
+        lets exceed the token budget (``fcfs.admit_in_order``)."""
+        rest = s.prefill_target - s.prefilled
+        if rest <= limit:
+            return rest
+        if limit <= 0 or self.prefill_whole(s):
+            return 0
+        return limit
 
     def remaining_predicted(self, s: Sequence) -> int:
         return max(s.predicted_output - self.generated(s), 1)
@@ -288,21 +315,31 @@ class ReplicaState:
             self.waiting_dirty = True
         return out
 
-    def drain_unfinished(self) -> list[Sequence]:
+    def drain_unfinished(self, started_only: bool = False) -> list[Sequence]:
         """Everything not finished, reset to be recomputed elsewhere (replica lost). A real request
-        (with a payload) restarts from its prompt: its generated tokens stay in the lost engine."""
+        (with a payload) restarts from its prompt: its generated tokens stay in the lost engine.
+
+        ``started_only``: what the engine held (running, prefilling, and waiting sequences that have
+        started, e.g. preempted), after a failed engine step; those that never started stay queued."""
         self._order_tail()
-        out = list(self.running.values()) + list(self.prefilling.values()) + self.waiting
+        keep = [s for s in self.waiting if not s.started] if started_only else []
+        queued = [s for s in self.waiting if s.started] if started_only else self.waiting
+        out = list(self.running.values()) + list(self.prefilling.values()) + queued
         for s in out:
             s.generated = 0 if s.req.payload is not None else self.generated(s)
             s.status, s.prefilled = WAITING, 0
             s.epoch += 1
+            s.replica = ""                    # gone from here (a start-up program must not admit it)
         self.running.clear(), self.prefilling.clear(), self._heap.clear()
         self._due.clear(), self._due_steps.clear()
         self._overdue = 0
         self.waiting, self.kv_used, self.current = [], 0, None
         self._fresh_n, self._fresh_work, self._fresh_tokens = 0, 0.0, 0
         self._resumed.clear()
+        if keep:
+            self.waiting = keep
+            self.recount_queue()
+            self.waiting_dirty = True
         return out
 
     def repredict(self, predict: Callable[[Request], int], rekey: Callable[[Sequence], float] | None = None) -> int:
@@ -383,6 +420,9 @@ class ReplicaState:
                                       f"{'' if s.status != PREFILLING else ' elsewhere'}, cannot prefill")
             if n <= 0 or s.prefilled + n > s.prefill_target:
                 raise SchedulingError(f"{self.name}: bad chunk {n} for {s.id} ({s.prefilled}/{s.prefill_target})")
+            if n != s.prefill_target and self.prefill_whole(s):
+                raise SchedulingError(f"{self.name}: chunk {n} of {s.id}'s {s.prefill_target}-token prefill: a "
+                                      f"seeded sequence is prefilled whole on this engine (prefill_chunk)")
             attn += n * (2 * s.prefilled + n)   # chunks telescope: sum = L^2 of the whole prompt
             tokens += n
             if s.generated:

@@ -26,6 +26,7 @@ from .errors import HybridRayError
 FIELDS = ("id", "replica", "arrival_s", "first_token_s", "finish_s", "prompt_tokens", "output_tokens",
           "preemptions")
 OPTIONAL_FIELDS = ("text", "finish_reason")    # a real engine's output; absent from the JSON when None
+SERVER_ERROR = "server_error"   # error code of a request the engine failed on (twice: actors/driver.py)
 
 
 class ResultsError(HybridRayError):
@@ -119,8 +120,16 @@ Entry = Union[CompletionRecord, ErrorLine]
 LineParser = Callable[[dict, str], Entry]     # (a line's object, "FILE line N") -> entry; ResultsError if bad
 
 
+def plain_error_line(rid: str, code: str, message: str) -> str:
+    """A plain results file's line for a request that will not complete (``{"id", "error"}``); read
+    back as an ``ErrorLine`` that settles ``rid`` (a resumed run skips it)."""
+    return json.dumps({"id": rid, "error": {"code": code, "message": message}}, separators=(",", ":"),
+                      ensure_ascii=False)
+
+
 def _parse_object(obj: object, where: str, parse: LineParser | None) -> Entry:
-    """One line's object: ``parse``'s when it takes it (returns non-None), else a completion record."""
+    """One line's object: ``parse``'s when it takes it (returns non-None), else a completion record
+    (or a plain error line, ``plain_error_line``)."""
     if parse is not None and isinstance(obj, dict):
         entry = parse(obj, where)
         if entry is not None:
@@ -128,6 +137,10 @@ def _parse_object(obj: object, where: str, parse: LineParser | None) -> Entry:
     elif isinstance(obj, dict) and "custom_id" in obj:
         raise ResultsError(f"{where}: an OpenAI batch output line; read the file with its format's parser "
                            f"(openai_batch.read_output)")
+    if isinstance(obj, dict) and isinstance(obj.get("error"), dict) and "replica" not in obj:
+        err = obj["error"]
+        rid = str(obj.get("id", ""))
+        return ErrorLine("", rid, str(err.get("code") or ""), str(err.get("message") or ""), None, rid or None)
     return CompletionRecord.from_dict(obj, where)
 
 
@@ -372,6 +385,7 @@ class OutputFormat:
     format: Callable[[CompletionRecord], str] = CompletionRecord.to_json   # record -> line (no newline)
     parse: LineParser | None = None                  # lines of the format -> entries (resume, history)
     finalize: Callable[[Path], None] | None = None   # the run ended: e.g. rewrite the file in input order
+    error: Callable[[str, str, str], str] = plain_error_line   # (request id, code, message) -> error line
 
     def read(self, path: str | Path, missing_ok: bool = False) -> ResultsFile:
         return read_results(path, missing_ok, self.parse)

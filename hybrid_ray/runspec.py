@@ -30,6 +30,7 @@ class RunOptions:
     plan_method: str = "cpsat"
     plan_time_limit_s: float = 5.0
     plan_deterministic_time: float | None = None   # CP-SAT's deterministic budget (None: 0.4 x the limit)
+    plan_share: float | None = None       # a deterministic plan budget, this share of the makespan (planning.make_plan)
     plan_workers: int = 2
     dispatch_lead_s: float = 0.05         # send arrivals this many real seconds early (replicas hold them
                                           # until their arrival time): hides Ray latency at small time scales
@@ -46,6 +47,9 @@ class RunOptions:
     device: str | None = None             # real engines: cpu | cuda (None: the config's, else cpu)
     output_format: OutputFormat | None = None   # how results are written, read back and finalized
                                                 # (an OpenAI batch file's; None: plain records)
+    wait_for_plan: bool = False           # planned policies: start only once the full plan is in (the run
+                                          # then follows `simulate`'s timeline on it); default: start on the
+                                          # initial plan (LPT) and switch when the full plan arrives
 
 
 @dataclass(slots=True)
@@ -70,6 +74,14 @@ class RunResult:
     output: str | None = None
     engine: str = "emulated"              # what ran the iterations, e.g. "transformers (tiny, cpu)"
     controller_failures: list[str] = field(default_factory=list)   # why each controller actor was replaced
+    line_errors: list[str] = field(default_factory=list)   # requests the engine failed on twice: error lines
+    # real seconds from the driver's start (Ray's start included): every replica constructed, the
+    # first iteration, the full plan's arrival (None: no planner, it failed, or the run ended first)
+    engines_ready_s: float = 0.0
+    first_iteration_s: float = 0.0
+    plan_wall_s: float | None = None
+    plan_moved: int = 0                   # requests the full plan moved off the initial plan's replica
+    planner_error: str | None = None      # why the planner gave no plan (the run kept the initial plan)
 
     def to_dict(self) -> dict:
         """``simulate``'s JSON keys plus the runtime's own."""
@@ -81,7 +93,9 @@ class RunResult:
                     max_lag_s=self.max_lag_s, late_adds=self.late_adds, late_mean_s=self.late_mean_s,
                     late_max_s=self.late_max_s, resumed_skipped=self.skipped,
                     duplicates_ignored=self.duplicates_ignored, output=self.output, engine=self.engine,
-                    controller_restarts=len(self.controller_failures))
+                    controller_restarts=len(self.controller_failures), line_errors=len(self.line_errors),
+                    engines_ready_s=self.engines_ready_s, first_iteration_s=self.first_iteration_s,
+                    plan_wall_s=self.plan_wall_s, plan_moved=self.plan_moved, planner_error=self.planner_error)
         return data
 
 
@@ -89,6 +103,6 @@ def engine_label(opts: RunOptions) -> str:
     """``emulated`` or ``transformers (tiny, cpu)``: what runs the iterations (after ``resolve_engine``)."""
     if opts.engine in (None, "emulated"):
         return "emulated"
-    from .engines import DEFAULT_MODEL
+    from .engines.factory import DEFAULT_MODEL
 
     return f"{opts.engine} ({opts.model or DEFAULT_MODEL}, {opts.device})"

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable
 
 from .actors.session import Terminated, connect_ray, sigterm_interrupts
 from .config import ClusterSpec
-from .engines import engine_spec
+from .engines.factory import engine_spec
 from .errors import ControllerLostError, ReplicasLostError, RuntimeSetupError
 from .inputs import load_inputs
 from .results import PLAIN
@@ -39,12 +39,26 @@ def resolve_engine(opts: RunOptions, cluster: ClusterSpec) -> RunOptions:
                    device=opts.device if opts.device is not None else (ce.device if same else "cpu"))
 
 
+def _model_counter(model: str | None):
+    """A ``--model`` directory's tokenizer as a token counter (workload lines with text but no
+    prompt_tokens are counted by it); None (the bundled tokenizer) for a preset or no model."""
+    if not model or not Path(model).is_dir():
+        return None
+    from .prompts import load_prompt_encoder
+    from .tokens import prompt_counter
+    try:
+        return prompt_counter(load_prompt_encoder(model))
+    except Exception:                  # not loadable here: engine_spec reports the directory's problem
+        return None
+
+
 def prepare(opts: RunOptions, cluster: ClusterSpec | None = None, requests: list[Request] | None = None
             ) -> tuple[RunOptions, ClusterSpec, list[Request], int]:
     """Inputs for a run: (options with the engine and output resolved, cluster with time_scale applied,
     requests still to run, requests skipped)."""
     if cluster is None or requests is None:
-        cluster, requests = load_inputs(opts.config, opts.workload, opts.limit, opts.seed)
+        cluster, requests = load_inputs(opts.config, opts.workload, opts.limit, opts.seed,
+                                        tokenizer=_model_counter(opts.model))
     opts = resolve_engine(opts, cluster)
     if opts.time_scale is not None:
         if not opts.time_scale > 0:

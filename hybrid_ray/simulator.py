@@ -10,10 +10,18 @@ finishes it at its true length, and only then is the predictor told it (``observ
 moves the predictions (``predictor.version``), every replica's not-yet-started queue is
 re-predicted (``Scheduler.repredict``) and the controller rebalances at once, as the Ray driver
 does when it learns completions.
+
+Model error (``CostNoise``, ``hybrid-ray simulate --cost-noise SIGMA``): the simulated engines'
+iterations then take the cost model's time times a seeded noise factor, while the replica state,
+the planner and every policy keep pricing them with the nominal cost model; only the simulated clock
+(and so the records' start and end times) sees the noise.
 """
 from __future__ import annotations
 
 import heapq
+import math
+import random
+import time
 from dataclasses import dataclass, field
 
 from .config import ClusterSpec
@@ -38,6 +46,61 @@ class RunRecord:
         return max((s.finish_s for s in self.sequences), default=0.0)
 
 
+class CostNoise:
+    """How far the simulated engines' iteration times stray from the cost model (model error).
+
+    Replica ``i``'s iteration takes ``nominal x factor(i)``, with ``factor(i) = bias_i x eps``:
+    ``bias_i = exp(sigma z_i)`` is drawn once per replica and kept for the run (a lognormal with
+    median 1: a replica systematically slower or faster than its profile), and ``eps =
+    exp(sigma z - sigma^2 / 2)`` is drawn afresh for every iteration (a lognormal with mean 1:
+    jitter). ``z`` are standard normals from one stream per replica seeded by ``(seed, i)``, so a
+    replica's draws depend on neither the other replicas nor the order the events interleave:
+    deterministic given the seed. ``sigma = 0`` is the exact model (every factor exactly 1.0).
+
+    The simulator asks for one factor per iteration it starts (``Simulator(noise=...)``); nothing
+    else sees it. ``fresh()`` restarts the streams, so one ``CostNoise`` given to two runs draws the
+    same factors in both.
+    """
+
+    __slots__ = ("sigma", "seed", "_rng", "_bias")
+
+    def __init__(self, sigma: float, seed: int = 0):
+        sigma = float(sigma)
+        if not math.isfinite(sigma) or sigma < 0:
+            raise ValueError(f"cost noise sigma must be a finite number >= 0, got {sigma!r}")
+        self.sigma = sigma
+        self.seed = int(seed)
+        self._rng: dict[int, random.Random] = {}
+        self._bias: dict[int, float] = {}
+
+    def fresh(self) -> "CostNoise":
+        """The same noise from the start of its streams (what each run uses)."""
+        return CostNoise(self.sigma, self.seed)
+
+    def _stream(self, i: int) -> random.Random:
+        rng = self._rng.get(i)
+        if rng is None:
+            # a string seed is hashed with SHA-512 (random.seed version 2): the same on every platform
+            rng = self._rng[i] = random.Random(f"hybrid-ray cost noise {self.seed} {i}")
+            self._bias[i] = math.exp(self.sigma * rng.gauss(0.0, 1.0))     # the replica's first draw
+        return rng
+
+    def bias(self, i: int) -> float:
+        """Replica ``i``'s fixed factor (1.0 without noise)."""
+        if self.sigma == 0.0:
+            return 1.0
+        self._stream(i)
+        return self._bias[i]
+
+    def factor(self, i: int) -> float:
+        """The next iteration of replica ``i`` takes the cost model's time times this."""
+        if self.sigma == 0.0:
+            return 1.0
+        rng = self._stream(i)
+        s = self.sigma
+        return self._bias[i] * math.exp(s * rng.gauss(0.0, 1.0) - 0.5 * s * s)
+
+
 def start_iteration(r: ReplicaState, policy: IterationPolicy) -> float | None:
     """Ask the policy for the next iteration, validate it; return its modelled duration."""
     while True:
@@ -59,10 +122,18 @@ def apply_moves(replicas: list[ReplicaState], moves: list[Move]) -> list[int]:
     return touched
 
 
+class DeadlinePassed(Exception):
+    """A simulation cut at its wall-clock deadline (an anytime planner's candidate run out of time)."""
+
+
 class Simulator:
-    def __init__(self, cluster: ClusterSpec, scheduler: Scheduler):
+    def __init__(self, cluster: ClusterSpec, scheduler: Scheduler, noise: CostNoise | None = None,
+                 deadline: float | None = None):
         self.cluster = cluster
         self.scheduler = scheduler
+        self.deadline = deadline            # time.perf_counter() value past which run() raises DeadlinePassed
+        # model error: None or sigma 0 is the exact cost model (the same run, bit for bit)
+        self.noise = noise if noise is not None and noise.sigma > 0 else None
 
     def run(self, requests: list[Request]) -> RunRecord:
         sch = self.scheduler
@@ -79,6 +150,7 @@ class Simulator:
         moves = 0
         ctrl = sch.controller
         next_ctrl = 0.0
+        noise = self.noise.fresh() if self.noise is not None else None
 
         def kick(i: int, now: float) -> None:
             nonlocal tick
@@ -87,6 +159,8 @@ class Simulator:
                 return
             dur = start_iteration(r, policies[i])
             if dur is not None:
+                if noise is not None:
+                    dur *= noise.factor(i)          # only the clock sees it: the state prices nominally
                 starts[i] = now
                 tick += 1
                 heapq.heappush(events, (now + dur, tick, i))
@@ -102,7 +176,12 @@ class Simulator:
 
         k = 0
         n = len(reqs)
+        deadline, events_done = self.deadline, 0
         while k < n or events:
+            if deadline is not None:
+                events_done += 1
+                if events_done & 1023 == 1 and time.perf_counter() > deadline:    # the first, then every 1024th
+                    raise DeadlinePassed(f"simulation cut at its deadline after {events_done} events")
             if k < n and (not events or reqs[k].arrival_s <= events[0][0]):
                 now = reqs[k].arrival_s
                 j = k
@@ -142,10 +221,16 @@ class Simulator:
         unfinished = [s.id for s in seqs if s.finish_s < 0]
         if unfinished:
             raise RuntimeError(f"simulation ended with {len(unfinished)} unfinished requests, e.g. {unfinished[:5]}")
-        return RunRecord(sch.name, self.cluster.source, replicas, seqs, moves,
-                         extra={"predictor": predictor.name, "prediction_versions": version,
-                                "repredictions": repredictions})
+        extra = {"predictor": predictor.name, "prediction_versions": version, "repredictions": repredictions}
+        if noise is not None:
+            extra["cost_noise"] = {"sigma": noise.sigma, "seed": noise.seed,
+                                   "bias": {replicas[i].name: noise.bias(i) for i in range(len(replicas))}}
+        return RunRecord(sch.name, self.cluster.source, replicas, seqs, moves, extra=extra)
 
 
-def simulate(cluster: ClusterSpec, scheduler: Scheduler, requests: list[Request]) -> RunRecord:
-    return Simulator(cluster, scheduler).run(requests)
+def simulate(cluster: ClusterSpec, scheduler: Scheduler, requests: list[Request],
+             noise: CostNoise | None = None, deadline: float | None = None) -> RunRecord:
+    """Run ``scheduler`` on ``requests``; ``noise``: the engines' deviation from the cost model
+    (``CostNoise``; None: exact); ``deadline``: a ``time.perf_counter()`` value past which the run
+    stops with ``DeadlinePassed`` (None: never)."""
+    return Simulator(cluster, scheduler, noise, deadline).run(requests)

@@ -18,6 +18,7 @@ import numpy as np
 
 from hybrid_ray.errors import InfeasibleRequestError, WorkloadError, one_line
 from hybrid_ray.payload import Payload
+from hybrid_ray.promptinfo import PromptInfo, prompt_info
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -31,6 +32,8 @@ class Request:
     ignored). Policies do not read it unless told lengths are known; they see a prediction.
     With a ``payload`` (a real engine runs the prompt) it is the max_tokens bound instead, and the
     true length is learned when the engine stops the sequence (EOS or a stop string).
+    ``info``: what a length predictor may read of the prompt (text, kind, model, system-prompt hash,
+    max_tokens; ``PromptInfo``), None for a request known only by its token counts.
     """
 
     id: str
@@ -38,14 +41,18 @@ class Request:
     output_tokens: int
     arrival_s: float = 0.0
     payload: Payload | None = None
+    info: PromptInfo | None = None
 
 
 # --- bundled workloads -------------------------------------------------------------------------
 
-BUILTIN_WORKLOADS: tuple[str, ...] = ("gsm8k", "azure-conv", "azure-code")
+BUILTIN_WORKLOADS: tuple[str, ...] = ("gsm8k", "azure-conv", "azure-code", "mixed-tasks")
 AZURE_KINDS: tuple[str, ...] = ("conv", "code")
-FILE_KEYS: tuple[str, ...] = ("id", "prompt_tokens", "output_tokens", "arrival_s")
-_REQUIRED_KEYS: tuple[str, ...] = ("prompt_tokens", "output_tokens")
+# prompt / messages / max_tokens / model are features for length predictors (PromptInfo); the
+# simulator charges prompt_tokens (counted from the text when absent, ``tokens.count_prompt_tokens``)
+FILE_KEYS: tuple[str, ...] = ("id", "prompt_tokens", "output_tokens", "arrival_s", "prompt", "messages",
+                              "max_tokens", "model")
+_REQUIRED_KEYS: tuple[str, ...] = ("output_tokens",)
 _JSONL_SUFFIXES = (".jsonl", ".json")
 _CSV_SUFFIXES = (".csv",)
 # Azure 2023 timestamps carry 7 fractional digits ('18:15:46.6805900'); datetime holds 6 and
@@ -100,6 +107,14 @@ def load_gsm8k_questions(limit: int | None = None) -> list[str]:
             if line.strip():
                 out.append(json.loads(line)["question"])
     return out
+
+
+def mixed_task_requests(n: int = 3000, seed: int = 0) -> list[Request]:
+    """The mixed-task text workload (``mixed_tasks.py``): ``n`` seeded requests of five task kinds with
+    prompt text (``PromptInfo``) and true output lengths, all at t = 0."""
+    from . import mixed_tasks
+
+    return [Request(x.id, x.prompt_tokens, x.output_tokens, 0.0, info=x.info) for x in mixed_tasks.lines(n, seed)]
 
 
 def _parse_timestamp(text: str) -> datetime:
@@ -209,18 +224,71 @@ def _unknown_key_message(key: str, what: str) -> str:
     return f"unknown {what} {key!r} (allowed: {', '.join(FILE_KEYS)}){did_you_mean}"
 
 
-def _record_to_request(record: dict[str, Any], default_id: str, what: str) -> Request:
-    """Validate one record (keys already checked); ValueError says which field and why."""
+def _messages_field(raw: Any) -> list[dict]:
+    """A chat ``messages`` value: a non-empty list of {role: str, content: str | null} objects."""
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"messages must be a non-empty list of {{role, content}} objects, got {_short(raw)}")
+    out = []
+    for k, m in enumerate(raw):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ValueError(f"messages[{k}] must be an object with a string 'role', got {_short(m)}")
+        content = m.get("content")
+        if content is not None and not isinstance(content, str):
+            raise ValueError(f"messages[{k}].content must be a string, got {_short(content)}")
+        out.append({"role": m["role"], "content": _clean_text(content or "")})
+    return out
+
+
+def _clean_text(text: str) -> str:
+    """Text a tokenizer can take: lone surrogates (valid JSON escapes, invalid UTF-8) replaced."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _record_to_request(record: dict[str, Any], default_id: str, what: str) -> tuple[Request, Any]:
+    """Validate one record (keys already checked); ValueError says which field and why. Returns the
+    request and, when it has text but no ``prompt_tokens``, the text to count (its prompt_tokens is
+    then 0 until counted: ``_build_requests``)."""
     for key in _REQUIRED_KEYS:
         if _is_missing(record.get(key)):
             raise ValueError(f"missing {what} {key!r} (expected an integer >= 1)")
+    prompt, messages = record.get("prompt"), record.get("messages")
+    if prompt is not None and not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a string (the prompt text), got {type(prompt).__name__} {_short(prompt)}")
+    prompt = None if _is_missing(prompt) else _clean_text(prompt)
+    messages = None if messages is None or (isinstance(messages, str) and not messages.strip()) \
+        else _messages_field(messages)
+    if prompt is not None and messages is not None:
+        raise ValueError("give 'prompt' (a completion) or 'messages' (a chat), not both")
+    text = prompt if prompt is not None else messages
+    if _is_missing(record.get("prompt_tokens")) and text is None:
+        raise ValueError(f"missing {what} 'prompt_tokens' (an integer >= 1), and no 'prompt' or 'messages' "
+                         f"text to count it from")
+    output = _token_count(record["output_tokens"], "output_tokens")
+    max_tokens = None if _is_missing(record.get("max_tokens")) else _token_count(record["max_tokens"], "max_tokens")
+    if max_tokens is not None and output > max_tokens:
+        raise ValueError(f"output_tokens {output} exceeds max_tokens {max_tokens} (an engine stops at max_tokens)")
+    model = record.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ValueError(f"model must be a string, got {_short(model)}")
+    model = "" if model is None else model.strip()
+    info = None
+    if text is not None or max_tokens is not None or model:
+        info = prompt_info(text=prompt, messages=messages, kind="" if text is None else
+                           "chat" if messages is not None else "completion", model=model, max_tokens=max_tokens)
     arrival = record.get("arrival_s")
-    return Request(
+    req = Request(
         id=_request_id(record.get("id"), default_id),
-        prompt_tokens=_token_count(record["prompt_tokens"], "prompt_tokens"),
-        output_tokens=_token_count(record["output_tokens"], "output_tokens"),
+        prompt_tokens=0 if _is_missing(record.get("prompt_tokens")) else
+        _token_count(record["prompt_tokens"], "prompt_tokens"),
+        output_tokens=output,
         arrival_s=0.0 if _is_missing(arrival) else _arrival(arrival),
+        info=info,
     )
+    return req, (text if req.prompt_tokens == 0 else None)
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -261,6 +329,9 @@ def _csv_header(path: Path, header: list[str] | None) -> list[str]:
         if key not in names:
             raise WorkloadError(f"{path} line 1: missing column {key!r} (header has: "
                                 f"{one_line(', '.join(names))})")
+    if "prompt_tokens" not in names and "prompt" not in names:
+        raise WorkloadError(f"{path} line 1: missing column 'prompt_tokens' (or a 'prompt' text column to count "
+                            f"it from; header has: {one_line(', '.join(names))})")
     return names
 
 
@@ -280,12 +351,16 @@ def _csv_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             yield line_no, dict(zip(names, row))
 
 
-def load_file(path: str | Path) -> list[Request]:
+def load_file(path: str | Path, tokenizer: Any = None) -> list[Request]:
     """Requests from a JSONL (.jsonl/.json) or CSV (.csv) file, in file order.
 
     Fields: prompt_tokens, output_tokens (int >= 1), optional id (default ``<stem>-<line>``) and
-    arrival_s (float >= 0, default 0). Unknown keys are errors so typos cannot silently drop a
-    field. Every error is a WorkloadError naming the file and its 1-based line.
+    arrival_s (float >= 0, default 0). Optional features for length predictors (``PromptInfo``):
+    ``prompt`` (a string) or ``messages`` (a chat, JSONL only), ``max_tokens`` and ``model``.
+    ``prompt_tokens`` is what the simulator charges; a line with text but no ``prompt_tokens`` is
+    counted by ``tokenizer`` (``tokens.count_prompt_tokens``: a model's, else the bundled one).
+    Unknown keys are errors so typos cannot silently drop a field. Every error is a WorkloadError
+    naming the file and its 1-based line.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -297,7 +372,7 @@ def load_file(path: str | Path) -> list[Request]:
         raise WorkloadError(f"{path}: unsupported extension {path.suffix!r}; expected "
                             f"{', '.join(_JSONL_SUFFIXES + _CSV_SUFFIXES)}")
     try:
-        return _build_requests(path, records, what)
+        return _build_requests(path, records, what, tokenizer)
     except OSError as exc:
         raise WorkloadError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     except UnicodeDecodeError as exc:
@@ -307,24 +382,42 @@ def load_file(path: str | Path) -> list[Request]:
 
 
 def _build_requests(path: Path, records: Iterable[tuple[int, dict[str, Any]]],
-                    what: str) -> list[Request]:
+                    what: str, tokenizer: Any = None) -> list[Request]:
     out: list[Request] = []
     first_line: dict[str, int] = {}
+    to_count: list[tuple[int, int, Any]] = []          # (index in out, line, text) of lines to tokenize
     for line_no, record in records:
         where = f"{path} line {line_no}"
         try:
-            req = _record_to_request(record, f"{path.stem}-{line_no}", what)
+            req, text = _record_to_request(record, f"{path.stem}-{line_no}", what)
         except ValueError as exc:
             raise WorkloadError(f"{where}: {exc}") from exc
         if req.id in first_line:
             raise WorkloadError(f"{where}: duplicate id {req.id!r} (first used on line "
                                 f"{first_line[req.id]})")
         first_line[req.id] = line_no
+        if text is not None:
+            to_count.append((len(out), line_no, text))
         out.append(req)
     if not out:
         raise WorkloadError(f"{path}: no requests (expected at least one row with prompt_tokens "
                             "and output_tokens)")
+    if to_count:
+        from .tokens import count_prompt_tokens
+        try:
+            counts = count_prompt_tokens([t for _, _, t in to_count], tokenizer)
+        except Exception as exc:                      # a model's tokenizer refusing a text
+            raise WorkloadError(f"{path} line {to_count[0][1]}: cannot count the prompt's tokens "
+                                f"({one_line(exc)}); give prompt_tokens") from None
+        for (k, _, _), n in zip(to_count, counts):
+            out[k] = replace_request(out[k], prompt_tokens=max(1, int(n)))
     return out
+
+
+def replace_request(req: Request, **changes: Any) -> Request:
+    """``dataclasses.replace`` for a Request (frozen, slots)."""
+    import dataclasses
+    return dataclasses.replace(req, **changes)
 
 
 # --- selection ---------------------------------------------------------------------------------
@@ -344,23 +437,31 @@ def _select(requests: list[Request], limit: int | None, seed: int | None) -> lis
     return [requests[i] for i in picked]
 
 
-def load_workload(spec: str, limit: int | None = None, seed: int | None = None) -> list[Request]:
-    """Load a named workload (gsm8k, azure-conv, azure-code) or a JSONL/CSV file.
+def load_workload(spec: str, limit: int | None = None, seed: int | None = None,
+                  tokenizer: Any = None) -> list[Request]:
+    """Load a named workload (gsm8k, azure-conv, azure-code, mixed-tasks[:N[:SEED]]) or a JSONL/CSV file.
 
     Names win over a same-named file. ``limit`` keeps the first N (or, with ``seed``, a seeded
     sample of N in original order). The result is sorted by arrival_s, stably, so ties keep
-    their original order.
+    their original order. ``tokenizer``: counts the prompt text of file lines without
+    prompt_tokens (``load_file``).
     """
     _check_limit(limit)
-    if spec == "gsm8k":
+    from . import mixed_tasks
+
+    sized = mixed_tasks.parse_spec(spec)
+    if sized is not None:
+        requests = mixed_task_requests(*sized)
+    elif spec == "gsm8k":
         requests = load_gsm8k(None if seed is not None else limit)
     elif spec in ("azure-conv", "azure-code"):
         requests = load_azure(spec.removeprefix("azure-"), None if seed is not None else limit)
     elif Path(spec).is_file():
-        requests = load_file(spec)
+        requests = load_file(spec, tokenizer)
     else:
         raise WorkloadError(f"unknown workload {spec!r}: expected one of "
-                            f"{', '.join(BUILTIN_WORKLOADS)}, or a path to an existing "
+                            f"{', '.join(BUILTIN_WORKLOADS)} (mixed-tasks:N[:SEED] for another size), or a path "
+                            f"to an existing "
                             f"{'/'.join(_JSONL_SUFFIXES + _CSV_SUFFIXES)} file")
     return sorted(_select(requests, limit, seed), key=lambda r: r.arrival_s)
 

@@ -13,8 +13,8 @@ from hybrid_ray.metrics import summarize
 from hybrid_ray.planner.banded import banded_assignment, estimated_finish
 from hybrid_ray.planner import bounds
 from hybrid_ray.planner.bounds import _WORK_TERMS, _coarse, _terms, _work_bound, lower_bound
-from hybrid_ray.planner.plan import RULES, make_plan
-from hybrid_ray.policies import build_scheduler, plan_bands, policy_names
+from hybrid_ray.planning import RULES, build_scheduler, make_plan
+from hybrid_ray.schedulers import plan_bands, policy_names
 from hybrid_ray.policies.controller import RebalanceController
 from hybrid_ray.policies.predict import make_predictor
 from hybrid_ray.replica import PREFILL, Iteration, LoadReport, ReplicaState, Sequence

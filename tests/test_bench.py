@@ -100,3 +100,46 @@ def test_perf_writes_its_json(tmp_path, monkeypatch):
     assert all(0 < u["p50_us"] <= u["p99_us"] for u in saved["startup"])
     text = perf.format_perf(data)
     assert "| an idle replica's start-up program, 256 prompts (once per idle start) |" in text
+
+
+def test_cases_report_the_headline_condition_first():
+    """Each case also runs `--lengths online --cost-noise 0.05`, the noise seeded by the case's seed;
+    the report puts that summary first and keeps the paper's setting (oracle, exact) as `summary`."""
+    from hybrid_ray.bench.cases import HEADLINE
+    from hybrid_ray.planning import build_scheduler
+    from hybrid_ray.simulator import CostNoise, simulate
+    pool = load_gsm8k()
+    policies = ("vllm", "serve-llm", "hybrid")
+    r = run_case(0, 1000, pool, time_limit_s=0.5, policies=policies)
+    cl, reqs, _ = make_case(1000, pool)
+    assert HEADLINE == {"lengths": "online", "cost_noise": 0.05}
+    for p in ("vllm", "serve-llm"):
+        sch = build_scheduler(p, cl, reqs, lengths="online", seed=1000)
+        assert r.headline_makespan_s[p] == simulate(cl, sch, reqs, noise=CostNoise(0.05, 1000)).makespan_s
+        assert r.makespan_s[p] == simulate(cl, build_scheduler(p, cl, reqs), reqs).makespan_s
+    assert set(r.headline_makespan_s) == set(policies) and r.headline_makespan_s != r.makespan_s
+    printed: list[str] = []
+    data = report([r], 0, None, 0.0, progress=printed.append)
+    head = data["headline"]["summary"]["all"]["vllm"]["ratio"]["mean"]
+    assert head == pytest.approx(r.headline_makespan_s["hybrid"] / r.headline_makespan_s["vllm"])
+    assert data["summary"]["all"]["vllm"]["ratio"]["mean"] == pytest.approx(r.makespan_s["hybrid"] / r.makespan_s["vllm"])
+    text = printed[0]
+    assert text.index("headline: online lengths, cost noise 0.05") < text.index("the paper's setting")
+    assert run_case(0, 1000, pool, time_limit_s=0.5, policies=("vllm",), headline=False).headline_makespan_s == {}
+
+
+@pytest.mark.slow        # ~20 s: the hybrid plans GSM8K twice
+def test_bench_baselines_headline_rows_are_simulate_with_online_lengths_and_noise(tmp_path):
+    from hybrid_ray.bench import baselines as bl
+    policies = ("vllm", "serve-llm", "hybrid")
+    rows = bl.rows(configs=("local",), workloads=("gsm8k",), policies=policies)
+    assert [r["condition"] for r in rows] == ["headline", "oracle"]           # the headline first
+    head, oracle = rows
+    for p, row, extra in (("vllm", head, ["--lengths", "online", "--cost-noise", "0.05", "--seed", "0"]),
+                          ("serve-llm", oracle, [])):
+        js = tmp_path / f"{p}.json"
+        assert main(["simulate", "--config", "local", "--policy", p, "--json", str(js), *extra]) == 0
+        assert row[p] == json.loads(js.read_text())["makespan_s"]
+    assert head["vllm"] != oracle["vllm"]
+    text = bl.table(rows, policies)
+    assert "| local | gsm8k | online + noise 0.05 | 1,319 |" in text and "| local | gsm8k | oracle | 1,319 |" in text

@@ -22,7 +22,7 @@ def test_default_run_completes_gsm8k(tmp_path, capsys):
     assert data["wall_s"] > 0                              # reported; its size is `bench perf`'s business
     # counted, not timed: the command ran exactly the simulation of the embedded default
     from hybrid_ray.inputs import load_inputs
-    from hybrid_ray.policies import build_scheduler
+    from hybrid_ray.planning import build_scheduler
     from hybrid_ray.simulator import simulate
 
     cluster, requests = load_inputs()
@@ -81,9 +81,11 @@ def test_fit_cost_model_command(capsys):
 def test_plan_prints_the_simulated_run_beside_the_estimate(tmp_path, capsys):
     """`plan` chose between candidate plans by simulating them: it prints the chosen one's simulated
     hybrid run and its gap to the bound (the planned makespan is the packing's estimate), and how
-    much of the solve time the packing took."""
+    much of the solve time the packing took. (A deterministic CP-SAT budget alone: no scaled
+    planning budget, so every candidate and the refining search run.)"""
     out = tmp_path / "plan.json"
-    assert main(["plan", "--config", "local", "--limit", "100", "--method", "lpt", "--json", str(out)]) == 0
+    assert main(["plan", "--config", "local", "--limit", "100", "--method", "lpt", "--deterministic-time", "1",
+                 "--json", str(out)]) == 0
     text = capsys.readouterr().out
     data = json.loads(out.read_text())
     ms = data["info"]["candidates"][data["info"]["chosen"]]

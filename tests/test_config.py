@@ -328,7 +328,7 @@ def test_bundled_fallback_without_installed_package(monkeypatch):
 
 def test_engine_choice_parses_round_trips_and_matches_the_engines():
     from hybrid_ray.config import ENGINE_KINDS, EngineChoice
-    from hybrid_ray.engines import ENGINES
+    from hybrid_ray.engines.factory import ENGINES
 
     assert ENGINE_KINDS == ENGINES
     data = _valid()

@@ -23,7 +23,7 @@ from hybrid_ray.actors.controller import ControllerActor
 from hybrid_ray.actors.replica import ReplicaActor
 from hybrid_ray.cli import main
 from hybrid_ray.inputs import load_inputs
-from hybrid_ray.policies import build_scheduler
+from hybrid_ray.planning import build_scheduler
 from hybrid_ray.results import read_results
 
 N = 200

@@ -62,7 +62,7 @@ def test_shipped_paper_config_matches_fit():
 def _replay(cost: CostModel, policy: str):
     """A simulated replay whose 'measured' iteration times are ``cost``'s (one replica, GSM8K 64)."""
     from hybrid_ray.inputs import load_inputs
-    from hybrid_ray.policies import build_scheduler
+    from hybrid_ray.planning import build_scheduler
     from hybrid_ray.simulator import simulate
 
     from helpers import one_replica

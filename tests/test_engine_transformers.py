@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from hybrid_ray.config import ClusterSpec, ReplicaGroupSpec          # noqa: E402
-from hybrid_ray.engines import engine_spec, make_engine             # noqa: E402
+from hybrid_ray.engines.factory import engine_spec, make_engine             # noqa: E402
 from hybrid_ray.engines.transformers import (EngineSetupError, TransformersEngine, parse_model,  # noqa: E402
                                              synthetic_tokens)
 from hybrid_ray.inputs import load_inputs                           # noqa: E402

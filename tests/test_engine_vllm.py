@@ -113,3 +113,51 @@ def test_capacity_check_names_the_knob(engine):
     spec = small_cluster(kv=10**9).replicas()[0]
     with pytest.raises(Exception, match="kv_capacity_tokens"):
         engine.check_capacity(spec)
+
+
+def test_seeded_prefills_stay_whole_where_the_generator_cannot_rewind_and_a_failed_step_resets(engine):
+    """vLLM rewinds a seeded request's generator after a partial prefill; a CPU generator cannot. The
+    engine finds out by trying (``seeded_chunking``); split anyway, the step raises, ``reset`` clears
+    vLLM, and the same requests prefilled whole then give the same draws every time."""
+    import torch
+
+    from hybrid_ray.engines.base import whole_seeded_prefill
+    from hybrid_ray.engines.vllm import generator_rewinds
+    from hybrid_ray.policies.chunked import ChunkedPrefill
+    from hybrid_ray.replica import ReplicaState, Sequence
+    from hybrid_ray.simulator import start_iteration
+
+    assert engine.seeded_chunking == generator_rewinds("cpu")
+    try:
+        torch.Generator(device="cpu").set_offset(0)
+        rewinds = True
+    except RuntimeError:
+        rewinds = False
+    assert engine.seeded_chunking == rewinds
+    spec = small_cluster(kv=600, budget=64).replicas()[0]
+    sp = SamplingSpec(max_tokens=8, temperature=0.8, seed=3)
+
+    def drive(tag: str, whole: bool) -> list[list[int]]:
+        state = ReplicaState(spec)
+        whole_seeded_prefill(engine, state)
+        state.whole_seeded = whole
+        state.add([Sequence(Request(f"{tag}{i}", 100, 8, payload=Payload(tuple(range(3, 103)), sp)), 8)
+                   for i in range(2)])
+        loop, t, pol = asyncio.new_event_loop(), 0.0, ChunkedPrefill(64)
+        try:
+            while state.has_work and start_iteration(state, pol) is not None:
+                it = state.current
+                res = loop.run_until_complete(engine.execute(it, state))
+                state.settle(res.completions, state.complete(it, t, t + res.duration_s), t + res.duration_s)
+                t += res.duration_s
+        finally:
+            loop.close()
+        return [s.completion.token_ids for s in sorted(state.finished, key=lambda s: s.id)]
+
+    if not engine.seeded_chunking:
+        with pytest.raises(RuntimeError, match="offset"):
+            drive("split", False)                        # a 100-token prompt in 64-token chunks
+        engine.reset()
+        assert not engine.vid and not engine.scheduler.requests
+    a, b = drive("a", True), drive("b", True)
+    assert a == b and len(a) == 2 and a[0] == a[1] and len(a[0]) == 8      # one seed, the same draws

@@ -52,7 +52,8 @@ DEEP_YAML = st.just(50).map(_nested)
 
 # -- cluster YAML ---------------------------------------------------------------------------------------
 
-KNOB_NAMES = {"chunked": ["token_budget"], "raydata": ["batch_size", "max_concurrent_batches"],
+KNOB_NAMES = {"chunked": ["token_budget"],
+              "raydata": ["batch_size", "max_concurrent_batches", "max_tasks_in_flight_per_actor"],
               "serve": ["max_ongoing_requests"],
               "hybrid": ["multiplier", "allow_mixed", "chunk_tokens", "horizon", "sort", "interval_s",
                          "threshold_s", "rel_threshold", "max_moves", "lambda"], "hybird": ["x"]}

@@ -9,7 +9,7 @@ from hybrid_ray.errors import ConfigError
 from hybrid_ray.inputs import load_inputs
 from hybrid_ray.metrics import summarize
 from hybrid_ray.planner.bounds import lower_bound
-from hybrid_ray.policies import build_scheduler
+from hybrid_ray.planning import build_scheduler
 from hybrid_ray.policies.controller import RebalanceController
 from hybrid_ray.policies.fcfs import FCFSPrefillFirst
 from hybrid_ray.policies.lagrangian import LagrangianPolicy
@@ -111,7 +111,7 @@ def test_controller_dead_band_and_unmovable():
 def test_controller_moves_work_in_simulation():
     # All requests planned onto one replica by a bad plan: the controller must spread them.
     cl, reqs = load_inputs("paper_llama65b", "gsm8k", limit=200, seed=3)
-    from hybrid_ray.planner.plan import make_plan
+    from hybrid_ray.planning import make_plan
     plan = make_plan(cl, reqs, method="lpt")
     plan.assignment = {k: cl.replicas()[0].name for k in plan.assignment}
     plan.order = {r.name: [] for r in cl.replicas()}

@@ -13,8 +13,7 @@ from hybrid_ray.inputs import load_inputs
 from hybrid_ray.metrics import summarize
 from hybrid_ray.planner.bounds import lower_bound
 from hybrid_ray.planner.estimate import request_work
-from hybrid_ray.planner.plan import make_plan
-from hybrid_ray.policies import build_scheduler
+from hybrid_ray.planning import build_scheduler, make_plan
 from hybrid_ray.policies.fcfs import FCFSPrefillFirst
 from hybrid_ray.policies.base import Scheduler
 from hybrid_ray.policies.routing import LeastLoadedRouter, PlanRouter

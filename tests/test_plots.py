@@ -11,7 +11,7 @@ from hybrid_ray.errors import HybridRayError
 from hybrid_ray.inputs import load_inputs
 from hybrid_ray.metrics import summarize
 from hybrid_ray.planner.bounds import lower_bound
-from hybrid_ray.policies import build_scheduler
+from hybrid_ray.planning import build_scheduler
 from hybrid_ray.replica import DECODE, MIXED, PREFILL
 from hybrid_ray.simulator import simulate
 

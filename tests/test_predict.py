@@ -23,7 +23,8 @@ from hybrid_ray.history import load_history
 from hybrid_ray.inputs import load_inputs
 from hybrid_ray.metrics import average_ranks, prediction_error, spearman, summarize
 from hybrid_ray.payload import Payload, SamplingSpec
-from hybrid_ray.policies import build_scheduler, policy_names
+from hybrid_ray.planning import build_scheduler
+from hybrid_ray.schedulers import policy_names
 from hybrid_ray.policies.predict import (BUCKET_EDGES, LengthHistogram, OnlinePredictor, PredictionTable,
                                          bucket_of, make_predictor)
 from hybrid_ray.policies.sorting import longest_predicted_first

@@ -26,7 +26,7 @@ from hybrid_ray.cli import main                                      # noqa: E40
 from hybrid_ray.config import load_cluster                           # noqa: E402
 from hybrid_ray.engines.transformers import TransformersEngine       # noqa: E402
 from hybrid_ray.inputs import load_inputs                            # noqa: E402
-from hybrid_ray.policies import build_scheduler                      # noqa: E402
+from hybrid_ray.planning import build_scheduler                      # noqa: E402
 from hybrid_ray.profiles import ProfilePoint, calibrate, fit_cost_model, load_profile          # noqa: E402
 from hybrid_ray.profiling import (DEFAULT_GRID, ProfileGrid, parse_pairs,  # noqa: E402
                                   profile_engine, replay_records, run_replica, write_profile)

@@ -188,7 +188,7 @@ def test_stop_strings_sampling_and_ignore_eos(tmp_path, tiny_model_dir, encoder,
 
 # -- bad input: one line, exit 2, before any replica starts ----------------------------------------
 
-@pytest.mark.parametrize("engine", ["transformers", "vllm"])
+@pytest.mark.parametrize("engine", ["transformers", pytest.param("vllm", marks=pytest.mark.vllm)])
 @pytest.mark.parametrize("case", ["missing", "no-tokenizer", "unknown-arch"])
 def test_bad_model_directory_is_one_line_exit_2(tmp_path, tiny_model_dir, capsys, case, engine):
     import shutil

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from hybrid_ray.inputs import load_inputs
-from hybrid_ray.planner import plan as plan_module
-from hybrid_ray.planner.plan import _simulate_hybrid, make_plan
+from hybrid_ray import planning as plan_module
+from hybrid_ray.planning import _simulate_hybrid, make_plan
 from hybrid_ray.planner.refine import _earlier, refine_assignment
 
 

@@ -2,7 +2,7 @@
 import pytest
 
 from hybrid_ray.config import ClusterSpec
-from hybrid_ray.policies import build_scheduler
+from hybrid_ray.planning import build_scheduler
 from hybrid_ray.replica import DECODE, MIXED, PREFILL, Iteration, ReplicaState, SchedulingError, Sequence
 from hybrid_ray.simulator import simulate
 from hybrid_ray.workload import Request

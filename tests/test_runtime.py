@@ -19,7 +19,7 @@ import pytest
 from hybrid_ray.actors.replica import ReplicaActor
 from hybrid_ray.cli import main
 from hybrid_ray.inputs import load_inputs
-from hybrid_ray.policies import build_scheduler
+from hybrid_ray.planning import build_scheduler
 from hybrid_ray.policies.controller import RebalanceController
 from hybrid_ray.policies.routing import RoundRobinRouter
 from hybrid_ray.results import read_results
@@ -29,7 +29,8 @@ from hybrid_ray.simulator import simulate
 SIM_KEYS = {"policy", "config", "requests_total", "requests_completed", "makespan_s", "utilization_busy",
             "utilization_slots", "throughput_tok_s", "output_tokens", "ttft_p50_s", "ttft_p99_s", "e2e_p99_s",
             "preemptions", "moves", "iterations", "replica_finish_s", "lower_bound_s", "gap"}
-RUN_KEYS = {"wall_s", "failed_replicas", "requeued", "controller_decision_p99_s", "messages_per_request"}
+RUN_KEYS = {"wall_s", "failed_replicas", "requeued", "controller_decision_p99_s", "messages_per_request",
+            "engines_ready_s", "first_iteration_s", "plan_wall_s"}
 PAPER = dict(config="paper_llama65b", cpus_per_replica=1.0, progress=False)   # 4 replicas, batch 8, GPUs emulated
 
 
@@ -123,7 +124,8 @@ def test_plan_dispatch_complete(ray_session, tmp_path):
 
     prev = signal.signal(signal.SIGTERM, callers_handler)
     try:
-        res = run(RunOptions(policy="offline", limit=120, output=str(out), plan_method="lpt", **PAPER))
+        res = run(RunOptions(policy="offline", limit=120, output=str(out), plan_method="lpt", wait_for_plan=True,
+                             **PAPER))
         assert signal.getsignal(signal.SIGTERM) is callers_handler
     finally:
         signal.signal(signal.SIGTERM, prev)
@@ -163,8 +165,8 @@ def test_plan_dispatch_complete(ray_session, tmp_path):
 def test_run_agrees_with_simulate(ray_session, policy, knobs, time_scale, pull):
     cluster, requests = load_inputs("paper_llama65b", "gsm8k", 120)
     cluster = replace(cluster, policy=knobs)
-    res = run(RunOptions(policy=policy, plan_method="lpt", time_scale=time_scale, **PAPER), cluster=cluster,
-              requests=requests)
+    res = run(RunOptions(policy=policy, plan_method="lpt", time_scale=time_scale, wait_for_plan=True, **PAPER),
+              cluster=cluster, requests=requests)
     sim = simulate(cluster, build_scheduler(policy, cluster, requests, plan=res.plan), requests)
     sim_iterations = sum(len(r.records) for r in sim.replicas)
     assert res.summary.requests_completed == 120
@@ -301,6 +303,108 @@ def test_existing_output_needs_resume(ray_session, tmp_path):
     out.write_text('{"id": "x"}\n')
     with pytest.raises(RuntimeSetupError, match="--resume"):
         run(RunOptions(limit=5, output=str(out), **PAPER))
+
+
+# -- planning overlaps the engines' start -------------------------------------------------------------
+
+def _test_planner(gate: str | None = None, fail: str | None = None, dispatch: str | None = None):
+    """A planner actor class for ``Driver.planner_class`` (a local class: Ray pickles it by value). It
+    answers only once ``gate`` exists (the test's hook writes it at the run's first completions, so the
+    plan arrives mid-run whatever the host's speed), with the initial plan rotated by one replica: every
+    request it re-places moves. ``fail``: it raises, or its process dies, instead."""
+    from hybrid_ray.actors.planner import PlannerActor
+
+    class TestPlanner(PlannerActor):
+        def plan(self, cluster, requests, predicted_output=None, **opts):
+            import os
+            import time
+
+            from hybrid_ray.planner.initial import initial_plan
+
+            while gate is not None and not os.path.exists(gate):
+                time.sleep(0.01)
+            if fail == "raise":
+                raise ValueError("a bug in the planner\nwith a second line")
+            if fail == "die":
+                os._exit(1)
+            p = initial_plan(cluster, requests, predicted_output)
+            names = [r.name for r in cluster.replicas()]
+            nxt = {n: names[(k + 1) % len(names)] for k, n in enumerate(names)}
+            p.assignment = {rid: nxt[n] for rid, n in p.assignment.items()}
+            p.order = {nxt[n]: ids for n, ids in p.order.items()}
+            p.predicted_finish_s = {nxt[n]: f for n, f in p.predicted_finish_s.items()}
+            p.info = dict(p.info, initial=False, rotated=True, **({"dispatch": dispatch} if dispatch else {}))
+            return p
+
+    return TestPlanner
+
+
+def _gate_hook(gate, seen: dict):
+    def hook(d):
+        seen["driver"] = d
+        if not gate.exists():
+            seen["done_at_gate"] = d.done
+            gate.write_text("go")
+    return hook
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("policy, dispatch, knobs", [
+    ("offline", None, {}),
+    ("hybrid", None, {}),
+    ("hybrid", "bounded", {}),                                  # the full plan binds late: a dispatcher takes over
+    ("hybrid", "bounded", {"hybrid": {"dispatch": "bounded"}}),  # both do: what the first held back is re-placed
+])
+def test_run_starts_on_the_initial_plan_while_a_slow_planner_works(ray_session, tmp_path, monkeypatch, policy,
+                                                                   dispatch, knobs):
+    """The replicas run the initial plan (LPT) from the start; the full plan, arriving mid-run, re-places
+    only what has not started: every request finishes once, each that had started where it started."""
+    from hybrid_ray.actors.driver import Driver
+
+    gate, out, seen = tmp_path / "gate", tmp_path / "res.jsonl", {}
+    monkeypatch.setattr(Driver, "planner_class", _test_planner(gate=str(gate), dispatch=dispatch))
+    cluster, requests = load_inputs("paper_llama65b", "gsm8k", 120)
+    res = run(RunOptions(policy=policy, output=str(out), time_scale=0.2, plan_method="lpt", **PAPER),
+              hook=_gate_hook(gate, seen), cluster=replace(cluster, policy=knobs), requests=requests)
+    initial = seen["driver"].initial_plan
+    assert initial.info["initial"] and initial.info.get("dispatch") == ("bounded" if knobs else None)
+    done = _ids_once(out, [q.id for q in requests])
+    assert res.summary.requests_completed == 120 and res.planner_error is None
+    assert res.plan.info.get("rotated") and res.plan_wall_s is not None      # the full plan was switched to
+    assert res.engines_ready_s <= res.first_iteration_s < res.plan_wall_s   # work started before it came
+    assert 0 < seen["done_at_gate"] < 120
+    on = {r.id: r.replica for r in done.records}
+    kept = seen["driver"].plan_kept                 # started (or finished) when it came: left alone
+    assert kept and all(on[rid] == name for rid, name in kept.items())
+    assert res.plan_moved > 0 and len(kept) + res.plan_moved <= 120
+    data = res.to_dict()
+    assert data["plan_moved"] == res.plan_moved and data["plan_wall_s"] == res.plan_wall_s
+    if policy == "offline":                         # no controller: the rest ran where the full plan put them
+        assert len(kept) + res.plan_moved == 120
+        assert all(on[q.id] == res.plan.assignment[q.id] for q in requests if q.id not in kept)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("fail", ["raise", "die"])
+def test_a_failed_planner_leaves_the_run_on_the_initial_plan(ray_session, tmp_path, monkeypatch, capfd, caplog,
+                                                             fail):
+    """A planner that raises, or whose process dies, mid-run: one warning line, no traceback, and the
+    run completes on the initial plan."""
+    from hybrid_ray.actors.driver import Driver
+
+    gate, out, seen = tmp_path / "gate", tmp_path / "res.jsonl", {}
+    monkeypatch.setattr(Driver, "planner_class", _test_planner(gate=str(gate), fail=fail))
+    res = run(RunOptions(policy="hybrid", limit=120, output=str(out), time_scale=0.5, **PAPER),
+              hook=_gate_hook(gate, seen))
+    _ids_once(out, [q.id for q in load_inputs("paper_llama65b", "gsm8k", 120)[1]])
+    assert res.summary.requests_completed == 120 and seen["done_at_gate"] < 120
+    assert res.plan.info.get("initial") and res.plan_wall_s is None and res.plan_moved == 0
+    warned = [r.getMessage() for r in caplog.records if "planner" in r.getMessage()]
+    assert len(warned) == 1 and "\n" not in warned[0], warned
+    assert warned[0].startswith("the planner failed (") and "initial plan" in warned[0]
+    assert res.planner_error and ("a bug in the planner" in res.planner_error if fail == "raise"
+                                  else "died" in res.planner_error)
+    assert "Traceback" not in capfd.readouterr().err
 
 
 @pytest.mark.ray

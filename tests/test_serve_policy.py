@@ -7,7 +7,7 @@ import pytest
 
 from hybrid_ray.config import load_cluster
 from hybrid_ray.errors import ConfigError
-from hybrid_ray.policies import build_scheduler
+from hybrid_ray.planning import build_scheduler
 from hybrid_ray.policies.serve import ServeDispatcher
 from hybrid_ray.replica import LoadReport, Sequence
 from hybrid_ray.simulator import simulate
@@ -83,3 +83,57 @@ def test_hybrid_beats_the_faithful_baselines_on_the_paper_config():
     span = {p: max(s.finish_s for s in simulate(cl, build_scheduler(p, cl, reqs), reqs).sequences)
             for p in ("vllm", "serve", "hybrid")}
     assert span["hybrid"] < span["serve"] < span["vllm"]
+
+
+# -- serve-llm: Ray Serve LLM's default deployment (max_ongoing_requests 1e9) -------------------------
+
+def test_serve_llm_takes_ray_serve_llms_default_bound():
+    from hybrid_ray.policies.serve import SERVE_LLM_MAX_ONGOING_REQUESTS
+    from hybrid_ray.schedulers import DESCRIPTIONS
+    assert SERVE_LLM_MAX_ONGOING_REQUESTS == int(1e9)       # ray/llm/_internal/serve/constants.py
+    cl = cluster(count=3, max_batch=4)
+    sch = build_scheduler("serve-llm", cl, [])
+    assert sch.name == "serve-llm" and sch.dispatcher.max_ongoing == {i: int(1e9) for i in range(3)}
+    assert "tuned" in DESCRIPTIONS["serve"] and "default" in DESCRIPTIONS["serve-llm"]
+
+
+def test_serve_llm_never_bounds_replica_queues():
+    """A batch job: every request is routed at t = 0 (none waits centrally), by two random choices
+    on the replicas' ongoing counts; completions route nothing more."""
+    cl = load_cluster("paper_llama65b")
+    reqs = load_gsm8k()
+    sch = build_scheduler("serve-llm", cl, reqs, seed=5)
+    d = sch.dispatcher
+    calls: list[tuple[str, int, int]] = []
+    admit, finished = d.admit, d.on_finished
+
+    def spy_admit(batch, ls):
+        out = admit(batch, ls)
+        calls.append(("admit", len(batch), len(out)))
+        return out
+
+    def spy_finished(i, done, ls):
+        out = finished(i, done, ls)
+        calls.append(("finished", len(done), len(out)))
+        return out
+
+    d.admit, d.on_finished = spy_admit, spy_finished
+    rec = simulate(cl, sch, reqs)
+    assert calls[0] == ("admit", 1319, 1319) and len(d.queue) == 0
+    assert all(c[0] == "finished" and c[2] == 0 for c in calls[1:]) and len(calls) > 100
+    per = [sum(1 for s in rec.sequences if s.replica == r.name) for r in rec.replicas]
+    assert sum(per) == 1319 and max(per) - min(per) <= 4              # balanced by count, not by work
+    # the tuned bound holds most of the batch back centrally
+    tuned = build_scheduler("serve", cl, reqs, seed=5)
+    assert len(tuned.dispatcher.admit([tuned.make_sequence(q) for q in reqs], loads(4))) == 4 * 2 * 8
+
+
+def test_serve_llm_draws_depend_on_the_seed():
+    cl = cluster(count=4, max_batch=4)
+    reqs = [Request(f"q{i}", 10, 10) for i in range(40)]
+    picks = {}
+    for seed in (1, 1, 2):
+        sch = build_scheduler("serve-llm", cl, reqs, seed=seed)
+        picks.setdefault(seed, []).append([t for _, t in sch.dispatcher.admit(
+            [sch.make_sequence(q) for q in reqs], loads(4))])
+    assert picks[1][0] == picks[1][1] != picks[2][0]

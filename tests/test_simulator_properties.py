@@ -15,7 +15,8 @@ from hybrid_ray.config import ClusterSpec, ReplicaGroupSpec
 from hybrid_ray.costmodel import CostModel, DecodeCost, PrefillCost
 from hybrid_ray.metrics import summarize
 from hybrid_ray.planner.bounds import lower_bound
-from hybrid_ray.policies import build_scheduler, policy_names
+from hybrid_ray.planning import build_scheduler
+from hybrid_ray.schedulers import policy_names
 from hybrid_ray.policies.base import Scheduler
 from hybrid_ray.policies.fcfs import FCFSPrefillFirst
 from hybrid_ray.policies.routing import LeastLoadedRouter

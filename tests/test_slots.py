@@ -8,9 +8,10 @@ import pytest
 
 from hybrid_ray.inputs import load_inputs
 from hybrid_ray.metrics import summarize
-from hybrid_ray.planner.plan import make_plan, start_order
+from hybrid_ray.planning import make_plan
+from hybrid_ray.planner.plan import start_order
 from hybrid_ray.planner.slots import ADMIT_STEPS, slot_balanced_order
-from hybrid_ray.policies import build_scheduler
+from hybrid_ray.planning import build_scheduler
 from hybrid_ray.simulator import simulate
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from hybrid_ray.config import ClusterSpec, load_cluster
 from hybrid_ray.costmodel import CostModel, DecodeCost, PrefillCost
-from hybrid_ray.policies import KnobError, check_policy_knobs
+from hybrid_ray.knobs import KnobError, check_policy_knobs
 from hybrid_ray.policies.base import Scheduler
 from hybrid_ray.policies.lagrangian import LagrangianPolicy, startup_program
 from hybrid_ray.policies.routing import LeastLoadedRouter

@@ -7,10 +7,10 @@ import pytest
 
 from hybrid_ray.inputs import load_inputs
 from hybrid_ray.planner.banded import banded_assignment
-from hybrid_ray.planner.plan import CALIBRATIONS, make_plan
+from hybrid_ray.planning import CALIBRATIONS, make_plan
 from hybrid_ray.planner.slots import ADMIT_STEPS, _list_schedule, slot_balanced_order
 from hybrid_ray.planner.tiered import tiered_assignment
-from hybrid_ray.policies import build_scheduler
+from hybrid_ray.planning import build_scheduler
 from hybrid_ray.simulator import simulate
 
 

@@ -69,6 +69,7 @@ def test_make_model_command(tmp_path, tiny_model_dir, capsys):
     assert json.loads((d / "hybrid_ray_tiny_model.json").read_text())["seed"] == 0
 
 
+@pytest.mark.vllm                      # CI's vLLM step runs it (in .venv-vllm, VVENV is that venv's python)
 @pytest.mark.skipif(not VVENV.exists(), reason="no vLLM venv (.venv-vllm or $HYBRID_RAY_VLLM_PYTHON)")
 def test_directory_loads_with_older_transformers(tiny_model_dir):
     """The vLLM venv's transformers (< 5.20) reads the tokenizer, chat template and config too."""

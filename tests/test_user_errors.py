@@ -357,7 +357,7 @@ def test_no_time_left_means_no_solver(solver_params):
 def test_make_plan_counts_its_own_time(monkeypatch):
     """The plan's wall limit runs from make_plan's start: pack gets what the cost matrices left."""
     from hybrid_ray.config import load_cluster
-    from hybrid_ray.planner import plan as plan_mod
+    from hybrid_ray import planning as plan_mod
     from hybrid_ray.workload import load_workload
 
     calls = []
@@ -382,7 +382,7 @@ def test_plan_cli_deterministic_budget(capsys, solver_params):
     for _ in range(2):
         assert main(["plan", "--config", "hetero", "--limit", "120", "--seed", "1", "--deterministic-time", "0.2"]) == 0
         outs.append([line for line in capsys.readouterr().out.splitlines() if "solve time" not in line])
-    assert "no time limit, deterministic budget 0.2" in outs[0][0]
+    assert "with cpsat, deterministic budget 0.2," in outs[0][0]
     assert outs[0] == outs[1]                                  # the same plan, whatever the load
     assert solver_params and all(s["det"] == 0.2 and math.isinf(s["wall"]) for s in solver_params)
     assert main(["plan", "--config", "hetero", "--limit", "120", "--time-limit", "1.5"]) == 0

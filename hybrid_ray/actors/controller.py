@@ -22,6 +22,11 @@ controller does not see it at all. If a router still picks it (round robin, or a
 before the failure), the request goes to the least-loaded live replica instead (the baseline's
 ``LeastLoadedRouter``).
 
+The full plan, when it arrives mid-run (``run`` starts on a fast initial plan while the planner
+works), comes through ``apply_plan``: the new router, controller and dispatcher replace the old, and
+every sequence that has not started is taken back from every replica and placed anew by them (the
+moves' own ``take_back`` + ``add``); started ones stay where they are.
+
 Failures of the controller itself. The driver pings it (``ping``, its heartbeat, which also
 carries its move and message counts) and replaces it when it dies or stops answering: the new
 actor has the next *generation* number, which it sends with every ``add`` and ``take_back`` (the
@@ -62,6 +67,20 @@ class ControllerStats:
     rerouted_from_dead: int = 0
     dead: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class PlanApplied:
+    """What ``apply_plan`` did: sequences taken back (never started) and re-placed, how many of them
+    changed replica, and where the requests it left alone are booked (started, finished, or in flight)."""
+
+    taken: int = 0
+    moved: int = 0
+    held_back: int = 0                                        # kept by a dispatcher, released later
+    kept: dict[str, int] = field(default_factory=dict)       # request id -> replica index
+
+
+TAKE_ALL = 1 << 40                 # take_back count meaning "every sequence that has not started"
 
 
 @dataclass(slots=True)
@@ -148,6 +167,86 @@ class ControllerActor:
         self.stats.messages = dict(self.msgs)
         self.stats.dead = sorted(self.dead)
         return self.stats
+
+    # -- the full plan, arriving while the run goes on the initial one ----------------------------
+    async def apply_plan(self, router, controller, dispatcher, sort_key, move: bool = True) -> PlanApplied:
+        """Switch to the full plan's router, controller and dispatcher; with ``move``, take back every
+        sequence that has not started from every live replica (the existing move path: ``take_back``
+        + ``add``), give it the new plan's queue key (``sort_key``) and place it anew: where the new
+        router puts it, or through the new dispatcher. Started sequences stay where they are.
+
+        Held under the rebalancing lock, so no rebalance interleaves. A replica that fails meanwhile
+        keeps its books here (the driver requeues its requests, as after any failed take-back)."""
+        self.msgs["apply_plan"] += 1
+        out = PlanApplied()
+        async with self._rebalancing:
+            # what the old dispatcher still holds back centrally (the hybrid's late binding: Serve's
+            # queue) is placed anew with the rest
+            queue = getattr(self.dispatcher, "queue", None)
+            held = list(queue) if queue is not None and move else []
+            if held:
+                queue.clear()
+            self.router, self.ctrl, self.dispatcher = router, controller, dispatcher
+            self.dispatched = set()
+            if self.clock is not None and self._task is not None and self._task.done():
+                self._task = None
+            if self.clock is not None:
+                self._start_loop()                 # a controller where the initial plan had none
+            if not move:
+                return out
+            live = [i for i in range(len(self.handles)) if i not in self.dead]
+            now = self.clock.now() if self.clock is not None else float("-inf")
+            tags = {}
+            for i in live:
+                self.next_tag[i] += 1
+                tags[i] = self.next_tag[i]
+            self.msgs["take_back"] += len(live)
+            answers = await asyncio.gather(*(self._call(self.handles[i].take_back.remote(TAKE_ALL, tags[i], self.gen))
+                                             for i in live), return_exceptions=True)
+            seqs: list[Sequence] = []
+            origin: dict[str, int] = {}
+            for i, taken in zip(live, answers):
+                if isinstance(taken, BaseException):
+                    self.dead.add(i)               # its requests stay booked there: the driver requeues
+                    continue
+                if not taken:
+                    continue
+                if self.report_tag[i] < tags[i]:
+                    g = self.specs[i].group
+                    work = sum(sequence_work(g.cost_model, g.max_batch_size, g.kv_capacity_tokens,
+                                             s.req.prompt_tokens, s.predicted_output) for s in taken)
+                    self.deltas[i].append(_Delta(tags[i], -len(taken), -work))
+                for s in taken:
+                    origin[s.id] = i
+                seqs.extend(taken)
+            out.kept = {rid: i for rid, i in self.where.items() if rid not in origin}
+            for s in held:
+                origin[s.id] = -1                  # on no replica: any placement moves it
+            seqs.extend(held)
+            out.taken = len(seqs)
+            if sort_key is not None:
+                for s in seqs:
+                    s.sort_key = sort_key(s)
+            seqs.sort(key=lambda s: origin[s.id])  # a stable order for the router's greedy fallback
+            if not seqs:
+                return out
+            if self.dispatcher is not None:
+                t0 = time.perf_counter()
+                pairs = self.dispatcher.admit(seqs, self._live_loads())
+                self.stats.route_latency_s.append(time.perf_counter() - t0)
+                placed = {s.id for s, _ in pairs}
+                self.dispatched.update(placed)
+                for s in seqs:                     # held back: booked nowhere until released
+                    if s.id not in placed:
+                        self.where.pop(s.id, None)
+                out.held_back = len(seqs) - len(placed)
+                out.moved = (sum(t != origin[s.id] for s, t in pairs)       # placed elsewhere, or off a replica
+                             + sum(s.id not in placed and origin[s.id] >= 0 for s in seqs))
+                await self._place(pairs, now)
+            else:
+                targets = await self._route(seqs, now)
+                out.moved = sum(t != origin[s.id] for s, t in zip(seqs, targets))
+        return out
 
     # -- inputs ---------------------------------------------------------------------------------
     async def report(self, index: int, rep: LoadReport, tag: int, finished: list[Sequence] | None = None) -> None:
@@ -313,9 +412,10 @@ class ControllerActor:
 
     async def _rebalance_loop(self) -> None:
         assert self.clock is not None
-        period = max(self.ctrl.interval_s * self.time_scale, 0.001)
-        while not self._stop:
-            await asyncio.sleep(period)
+        while not self._stop and self.ctrl is not None:
+            await asyncio.sleep(max(self.ctrl.interval_s * self.time_scale, 0.001))   # apply_plan may swap it
+            if self.ctrl is None:
+                return
             try:
                 async with self._rebalancing:
                     await self._rebalance()
@@ -325,6 +425,8 @@ class ControllerActor:
                 self.stats.errors.append(f"{type(e).__name__}: {e}")
 
     async def _rebalance(self) -> None:
+        if self.ctrl is None:            # apply_plan switched to a plan without one
+            return
         loads = self._live_loads()       # controllers pair replicas by .index: the dead are left out
         now = self.clock.now()
         t0 = time.perf_counter()

@@ -22,6 +22,20 @@ replica holds and that has not finished (held by the old controller, or in fligh
 requeued. Completions are de-duplicated by id, so every request is still recorded exactly once.
 Beyond the restarts, the run stops with ``ControllerLostError`` and the resume hint.
 
+Failed engine steps: a replica whose engine raised in a step stays up and hands back the lines its
+engine held (``PollResult.failures``, ``actors/replica.py``); the driver requeues them from their
+prompts as it requeues a lost replica's (``_requeue``). A line that was in ``MAX_LINE_FAILURES``
+failing steps is not run again: it gets an error line (code ``server_error``) and counts as settled.
+
+Planning overlaps the engines' start (planned policies): the driver starts the ``PlannerActor`` and
+does not wait for it; the replicas and the controller start on the initial plan (``planner.initial``,
+LPT, made here in well under a second) and the first iterations run on it. When the full plan
+arrives (the loop waits on it with the rest), ``_switch_plan`` gives the replicas its iteration
+policy and the controller its router, controller and dispatcher (``apply_plan``), which re-place
+every request that has not started; started ones stay. No timeout: a planner that raises or dies
+costs one warning line and the run goes on with the initial plan (``RunOptions.wait_for_plan``:
+start only once the full plan is in).
+
 Output lengths: the driver owns the scheduler's length predictor. Each completion tells it a true
 length (``observe``); when that moves its predictions (``version``), the new table goes to the
 controller, which has every replica re-predict its queued work and rebalances, as ``simulate`` does.
@@ -37,7 +51,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import ClusterSpec
-from ..engines import engine_spec
+from ..engines.factory import engine_spec
 from ..errors import ControllerLostError, HybridRayError, ReplicasLostError, RuntimeSetupError
 from ..progress import Progress
 from ..replica import FINISHED, LoadReport, ReplicaState, Sequence
@@ -51,6 +65,7 @@ log = logging.getLogger(__name__)
 
 UNFINISHED_DEFAULT = "hybrid-ray-unfinished.txt"
 MAX_CONTROLLER_RESTARTS = 3        # controller replacements per run before it stops with the resume hint
+MAX_LINE_FAILURES = 2              # failing engine steps a request may be in; then it gets an error line
 
 
 def _p99(values: list[float]) -> float:
@@ -59,6 +74,19 @@ def _p99(values: list[float]) -> float:
     import numpy as np
 
     return float(np.percentile(np.asarray(values), 99))
+
+
+def _short_error(e: BaseException) -> str:
+    """One line for a planner's failure: the remote exception's type and first line (no traceback)."""
+    cause = getattr(e, "cause", None)          # RayTaskError: what the actor raised
+    if isinstance(cause, BaseException):
+        e = cause
+    from ray.exceptions import RayActorError
+
+    if isinstance(e, RayActorError):
+        return f"its actor died ({type(e).__name__})"
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first[:200]}" if first else type(e).__name__
 
 
 def _unfinished_path(output: str | None) -> str:
@@ -90,6 +118,8 @@ class Driver:
         self.planner = None
         self.plan = None
         self.completed: dict[str, CompletionRecord] = {}
+        self.errored: dict[str, str] = {}      # requests the engine failed on MAX_LINE_FAILURES times: why
+        self.line_failures: Counter = Counter()   # failing engine steps each request was in
         self.failed: list[str] = []
         self.failure_reasons: dict[str, str] = {}
         self.requeued = 0
@@ -124,62 +154,162 @@ class Driver:
         self.ctrl_counts: tuple[int, dict] = (0, {})   # the live controller's moves, messages (last ping)
         self.ctrl_carry: Counter = Counter()           # ... of the controllers lost before it
         self.ctrl_carry_moves = 0
+        # planning overlaps the engines' start (planned policies): the run starts on the initial plan
+        self.t_start = 0.0                     # the driver's start (time.time()): what the *_s below count from
+        self.initial_plan = None               # planner.initial: LPT, made in the driver
+        self.plan_ref = None                   # the full plan, from the PlannerActor, while awaited
+        self.plan_wall_s: float | None = None  # when it arrived (None: it did not, before the run ended)
+        self.planner_error: str | None = None  # why the planner gave none (the run kept the initial plan)
+        self.plan_moved = 0                    # requests the full plan moved to another replica
+        self.plan_kept: dict[str, str] = {}    # request id -> replica: what it left alone (started, finished)
+        self.engines_ready_s = 0.0             # every replica constructed (a real engine: its model loaded)
 
     @property
     def done(self) -> int:
-        return len(self.completed)
+        """Requests settled: completed, or given an error line."""
+        return len(self.completed) + len(self.errored)
+
+    def _settled(self, rid: str) -> bool:
+        return rid in self.completed or rid in self.errored
 
     # -- setup --------------------------------------------------------------------------------------
-    def _make_scheduler(self):
-        import ray
+    planner_class: type | None = None          # the planner actor's class (None: actors.planner.PlannerActor)
 
-        from . import remote_class
-        from .planner import PlannerActor
-        from ..policies import build_scheduler, initial_batch, needs_plan
+    def _make_scheduler(self):
+        from ..planning import build_scheduler
+        from ..policies.predict import make_predictor
+        from ..schedulers import needs_plan
 
         if self.scheduler is not None:
             return self.scheduler
-        from ..policies import plan_bands, plan_dispatch
-        from ..policies.predict import make_predictor
-
         plan = None
         seed = self.opts.seed or 0
-        # one predictor: the plan is made with it, and the scheduler keeps learning with it
+        # one predictor: the plans are made with it, and the scheduler keeps learning with it
         predictor = make_predictor(self.opts.lengths, self.requests, seed, history=self.history)
         if needs_plan(self.opts.policy):
-            import numpy as np
-
-            batch = initial_batch(self.requests)
-            predicted = np.array([predictor.predict(q) for q in batch], dtype=np.float64)
-            self.planner = remote_class(PlannerActor).options(
-                name=f"hybrid-ray-{self.run_id}-planner", num_cpus=0, max_restarts=0).remote()
-            ref = self.planner.plan.remote(self.cluster, batch, predicted_output=predicted,
-                                           method=self.opts.plan_method, time_limit_s=self.opts.plan_time_limit_s,
-                                           deterministic_time=self.opts.plan_deterministic_time,
-                                           workers=self.opts.plan_workers, seed=seed, bands=plan_bands(self.opts.policy, predictor),
-                                           dispatch=plan_dispatch(self.opts.policy, predictor, self.cluster))
-            self.msgs["plan"] += 1
-            ready, _ = ray.wait([ref], timeout=self._plan_wait_s())
-            if not ready:
-                raise RuntimeSetupError("the planner actor did not answer in time (is the cluster out of CPUs?)")
-            plan = ray.get(ref)
-            self.plan = plan
-            ray.kill(self.planner)
-            self.planner = None
+            plan = self._start_planning(predictor, seed)
         return build_scheduler(self.opts.policy, self.cluster, self.requests, plan=plan, lengths=self.opts.lengths,
                                seed=seed, predictor=predictor)
 
-    def _plan_wait_s(self) -> float:
-        """How long to wait for the planner actor: its wall limit, or (a deterministic budget alone)
-        a generous multiple of the budget's units, about a second each on a free core; plus start-up."""
-        import math
+    def _start_planning(self, predictor, seed: int):
+        """Start the full planner in its actor, without waiting for it (``_check_plan`` takes its answer
+        whenever it comes), and return the initial plan the run starts on meanwhile: LPT on the
+        estimated work, longest first (``planner.initial``, well under a second)."""
+        import numpy as np
 
-        from ..planner.binpack import deterministic_budget
+        from . import remote_class
+        from ..planner.initial import initial_plan
+        from ..schedulers import initial_batch, plan_bands, plan_dispatch
 
-        limit = self.opts.plan_time_limit_s
-        if not math.isfinite(limit):
-            limit = 10.0 * deterministic_budget(limit, self.opts.plan_deterministic_time) + 30.0
-        return limit + self.opts.startup_timeout_s
+        batch = initial_batch(self.requests)
+        predicted = np.array([predictor.predict(q) for q in batch], dtype=np.float64)
+        dispatch = plan_dispatch(self.opts.policy, predictor, self.cluster)
+        cls = self.planner_class
+        if cls is None:
+            from .planner import PlannerActor as cls
+        self.planner = remote_class(cls).options(
+            name=f"hybrid-ray-{self.run_id}-planner", num_cpus=0, max_restarts=0).remote()
+        self.plan_ref = self.planner.plan.remote(self.cluster, batch, predicted_output=predicted,
+                                                 method=self.opts.plan_method, time_limit_s=self.opts.plan_time_limit_s,
+                                                 deterministic_time=self.opts.plan_deterministic_time,
+                                                 plan_share=self.opts.plan_share,
+                                                 workers=self.opts.plan_workers, seed=seed,
+                                                 bands=plan_bands(self.opts.policy, predictor), dispatch=dispatch)
+        self.msgs["plan"] += 1
+        plan = initial_plan(self.cluster, batch, predicted)
+        # where the dispatch is decided without the planner's simulation (the YAML's, or the rule for
+        # learned lengths), the initial plan's is the full plan's: no switch of dispatch mid-run
+        given = self.cluster.policy.get("hybrid", {}).get("dispatch", "auto")
+        if (dispatch if given == "auto" else given) == "bounded":
+            plan.info["dispatch"] = "bounded"
+        self.plan = self.initial_plan = plan
+        return plan
+
+    def _check_plan(self, wait: bool = False) -> None:
+        """If the full plan is in (with ``wait``: once it is, however long the planner takes), switch
+        to it (``_switch_plan``). A planner that raised or died leaves the run on the initial plan,
+        with one warning line. Never fails the run."""
+        import ray
+
+        ref = self.plan_ref
+        if ref is None:
+            return
+        if wait:
+            while not ray.wait([ref], timeout=1.0)[0]:
+                pass
+        elif not ray.wait([ref], timeout=0)[0]:
+            return
+        self.plan_ref = None
+        try:
+            plan = ray.get(ref)
+        except Exception as e:                        # noqa: BLE001 -- RayActorError, RayTaskError: keep going
+            self._planner_failed(_short_error(e))
+            return
+        self.plan_wall_s = time.time() - self.t_start
+        self._stop_planner()
+        t0 = time.time()
+        try:
+            self._switch_plan(plan)
+        finally:
+            if time.time() - t0 > 1.0:                # a long switch watched no replica: restart their windows
+                self.watch_from = max(self.watch_from, time.time())
+
+    def _planner_failed(self, reason: str) -> None:
+        self.planner_error = reason
+        log.warning("the planner failed (%s); the run goes on with the initial plan (LPT)", reason)
+        self._stop_planner()
+
+    def _stop_planner(self) -> None:
+        """Kill the planner actor (done, failed, or no longer needed at the run's end); an answer still
+        pending is collected so that Ray reports no unhandled error for it."""
+        import ray
+
+        planner, ref = self.planner, self.plan_ref
+        self.planner = self.plan_ref = None
+        if planner is not None:
+            try:
+                ray.kill(planner, no_restart=True)
+            except Exception:                         # noqa: BLE001 -- already gone
+                pass
+        if ref is not None:
+            try:
+                ray.get(ref, timeout=2.0)
+            except Exception:                         # noqa: BLE001 -- the kill's own error
+                pass
+
+    def _switch_plan(self, plan) -> None:
+        """Go on with the full plan: its scheduler (same predictor), its iteration policy on every live
+        replica, and, through the controller (``apply_plan``), its router, controller and dispatcher,
+        with every request that has not started re-assigned and re-ordered by it. Started requests
+        stay where they are."""
+        import ray
+
+        from ..planning import build_scheduler
+
+        old = self.scheduler
+        try:
+            new = build_scheduler(self.opts.policy, self.cluster, self.requests, plan=plan, lengths=self.opts.lengths,
+                                  seed=self.opts.seed or 0, predictor=old.predictor)
+        except Exception as e:                        # noqa: BLE001 -- an unusable plan: keep the initial one
+            self._planner_failed(f"its plan cannot be used: {_short_error(e)}")
+            return
+        new.first_predictions = old.first_predictions
+        self.scheduler, self.plan = new, plan
+        live = sorted(self.live)
+        factory = ray.put(new.policy_factory)
+        refs = [self.handles[i].set_policy.remote(factory, new.dispatcher is not None) for i in live]
+        self.msgs["set_policy"] += len(refs)
+        if refs:                                      # a dead or hung replica: its poll finds out
+            ray.wait(refs, num_returns=len(refs), timeout=self.opts.poll_wait_s + self.opts.heartbeat_timeout_s)
+        move = self.sent > 0                          # before the first route there is nothing to move
+        ok, applied = self._ctrl_get(self.controller.apply_plan.remote(new.router, new.controller, new.dispatcher,
+                                                                       new.sort_key, move), "apply the full plan")
+        self.msgs["apply_plan"] += 1
+        if ok:
+            self.plan_moved = applied.moved
+            self.plan_kept = {rid: self.names[i] for rid, i in applied.kept.items()}
+            log.info("full plan applied at %.2f s: %d requests re-placed, %d moved, %d left where they started",
+                     time.time() - self.t_start, applied.taken, applied.moved, len(applied.kept))
 
     def _create_actors(self, per_replica: dict[str, dict[str, float]]) -> None:
         import ray
@@ -200,6 +330,7 @@ class Driver:
                                         cpus=per_replica[spec.group.name].get("CPU")))
             self.handles.append(h)
         refs = {h.ready.remote(): i for i, h in enumerate(self.handles)}
+        self.controller = self._new_controller(0)     # starts while the replicas construct their engines
         self.msgs["ready"] += len(refs)
         ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=self.opts.startup_timeout_s)
         if pending:
@@ -211,8 +342,8 @@ class Driver:
                 f"{per_replica[groups[0]]}; the cluster has {describe_resources(ray.cluster_resources())} "
                 f"({describe_resources(ray.available_resources())} free)")
         ray.get(ready)                     # surfaces constructor errors
+        self.engines_ready_s = time.time() - self.t_start
         self.live = set(range(len(self.handles)))
-        self.controller = self._new_controller(0)
 
     def _new_controller(self, gen: int):
         """A ControllerActor of generation ``gen`` with fresh copies of the scheduler's router,
@@ -247,6 +378,7 @@ class Driver:
         import ray
 
         t_wall0 = time.perf_counter()
+        self.t_start = time.time()
         self.run_id = uuid.uuid4().hex[:8]
         per_replica = group_resources(self.cluster, self.opts.cpus_per_replica)
         if will_start_local(self.opts.address):      # fail before starting a Ray the machine cannot hold
@@ -261,7 +393,9 @@ class Driver:
             if self.opts.output:
                 self.writer = (self.opts.output_format or PLAIN).writer(self.opts.output, append=True)
             self._create_actors(per_replica)
+            self._check_plan(wait=self.opts.wait_for_plan)   # in already (or awaited): the run starts on it
             run_wall = self._loop(progress)
+            self._stop_planner()                   # the run ended before the full plan did
             states, cstats = self._collect()
         finally:
             progress.close()
@@ -274,7 +408,7 @@ class Driver:
 
     def _loop(self, progress: Progress) -> float:
         import ray
-        from ray.exceptions import GetTimeoutError, RayActorError
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
         from .clock import ModelClock
 
@@ -323,6 +457,8 @@ class Driver:
             refs = list(poll_ref.values()) + self.route_refs + self.pred_refs
             if self.ping_ref is not None:
                 refs.append(self.ping_ref)
+            if self.plan_ref is not None:
+                refs.append(self.plan_ref)
             timeout = tick
             if k < n:
                 due = max(next_dispatch, clock.real_at(reqs[k].arrival_s) - lead)
@@ -335,6 +471,8 @@ class Driver:
                 time.sleep(timeout)
                 ready = []
             ready_set = set(ready)
+            if self.plan_ref is not None and self.plan_ref in ready_set:
+                self._check_plan()                     # the full plan: re-place what has not started
             for r in [r for r in self.route_refs if r in ready_set]:
                 if r in self.route_refs:               # a controller replacement drops the rest
                     self.route_refs.remove(r)
@@ -353,11 +491,16 @@ class Driver:
                     except RayActorError as e:
                         self._fail(i, f"actor died ({type(e).__name__})")
                         continue
+                    except RayTaskError as e:          # its iteration loop stopped (poll says why)
+                        self._fail(i, " ".join(str(e.cause if e.cause is not None else e).split())[:500])
+                        continue
                     self.reports[i] = res.report
                     self.behind[i] = res.behind_s
                     next_poll[i] = now + opts.min_poll_gap_s
                     if res.completions:
                         self._on_completions(res.completions)
+                    if res.failures:
+                        self._on_step_failures(self.names[i], res.failures)
                 elif i not in self.live:
                     del poll_ref[i]                    # failed meanwhile (seen by a controller replacement)
                 elif now - max(poll_sent[i], self.watch_from) > opts.poll_wait_s + opts.heartbeat_timeout_s:
@@ -379,7 +522,7 @@ class Driver:
     def _on_completions(self, recs: list[CompletionRecord]) -> None:
         new = []
         for rec in recs:
-            if rec.id in self.completed:
+            if self._settled(rec.id):
                 self.duplicates += 1           # a late answer from a replica declared failed
                 continue
             if rec.id not in self.by_id:
@@ -394,6 +537,35 @@ class Driver:
             self.writer.write(new)
         if self.hook is not None and new:
             self.hook(self)
+
+    def _on_step_failures(self, name: str, failures: list) -> None:
+        """A replica's engine failed steps (``replica.StepFailure``): requeue the lines it handed back from
+        their prompts; a line in its ``MAX_LINE_FAILURES``-th failing step gets an error line instead."""
+        from ..results import SERVER_ERROR
+
+        errors: list[tuple[str, str]] = []
+        requeue: list[str] = []
+        for f in failures:
+            blamed = set(f.blamed)
+            for rid in f.ids:
+                if self._settled(rid) or rid not in self.by_id:
+                    continue
+                if rid in blamed:
+                    self.line_failures[rid] += 1
+                    if self.line_failures[rid] >= MAX_LINE_FAILURES:
+                        self.errored[rid] = f.error
+                        errors.append((rid, f"the engine failed {self.line_failures[rid]} times running this "
+                                            f"request (last on {name}: {f.error})"))
+                        continue
+                requeue.append(rid)
+        if errors:
+            log.warning("%d request(s) failed %d times and get an error line: %s", len(errors), MAX_LINE_FAILURES,
+                        ", ".join(rid for rid, _ in errors[:10]))
+            if self.writer is not None:
+                fmt = self.opts.output_format or PLAIN
+                self.writer.write_lines(fmt.error(rid, SERVER_ERROR, msg) for rid, msg in errors)
+        if requeue:
+            self._requeue(list(dict.fromkeys(requeue)))
 
     def _push_predictions(self) -> None:
         """If the predictor's version moved, send its table to the controller (which re-predicts the
@@ -417,7 +589,7 @@ class Driver:
         self.msgs["replica_failed"] += 1
         if not ok:
             return                       # the controller was replaced: its rebuild requeued replica i's work
-        lost = [rid for rid in ids if rid not in self.completed]
+        lost = [rid for rid in ids if not self._settled(rid)]
         if lost:
             self._requeue(lost)
 
@@ -559,7 +731,7 @@ class Driver:
         self.msgs["rebuild"] += 1
         if not ok:
             return                                  # replaced again meanwhile: that replacement did the rest
-        lost = [q.id for q in self.requests[:self.sent] if q.id not in self.completed and q.id not in everywhere]
+        lost = [q.id for q in self.requests[:self.sent] if not self._settled(q.id) and q.id not in everywhere]
         if lost:
             self._requeue(lost)
         self.pred_version = 0                       # the new controller gets the newest length predictions
@@ -580,14 +752,14 @@ class Driver:
                 else "rerun with --output FILE to keep finished requests across failures")
 
     def _write_unfinished(self) -> str:
-        unfinished = [q.id for q in self.requests if q.id not in self.completed]
+        unfinished = [q.id for q in self.requests if not self._settled(q.id)]
         path = self.unfinished_path
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text("".join(f"{rid}\n" for rid in unfinished))
         return path
 
     def _all_lost(self) -> ReplicasLostError:
-        unfinished = [q.id for q in self.requests if q.id not in self.completed]
+        unfinished = [q.id for q in self.requests if not self._settled(q.id)]
         path = self._write_unfinished()
         shown = ", ".join(unfinished[:20]) + (f" ... (+{len(unfinished) - 20} more)" if len(unfinished) > 20 else "")
         reasons = "; ".join(f"{n}: {self.failure_reasons[n]}" for n in self.failed)
@@ -691,7 +863,15 @@ class Driver:
             max_lag_s=max(self.behind, default=0.0), late_adds=late, late_mean_s=late_sum / late if late else 0.0,
             late_max_s=max((st.late_max_s for st in self.replica_stats), default=0.0), skipped=self.skipped, duplicates_ignored=self.duplicates,
             plan=self.plan, output=self.opts.output, engine=engine_label(self.opts),
-            controller_failures=list(self.controller_failures))
+            controller_failures=list(self.controller_failures), line_errors=sorted(self.errored),
+            engines_ready_s=self.engines_ready_s, first_iteration_s=self._first_iteration_s(),
+            plan_wall_s=self.plan_wall_s, plan_moved=self.plan_moved, planner_error=self.planner_error)
+
+    def _first_iteration_s(self) -> float:
+        """When the first iteration of any replica started (from the driver's start); the clock's start
+        if no replica's statistics came back."""
+        starts = [st.first_iteration_at for st in self.replica_stats if getattr(st, "first_iteration_at", 0.0)]
+        return (min(starts) if starts else self.epoch) - self.t_start
 
     # -- helpers ------------------------------------------------------------------------------------
     def _await(self, ref, what: str):

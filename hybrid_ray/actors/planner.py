@@ -1,13 +1,15 @@
-"""PlannerActor: the offline planner (``planner.plan.make_plan``) as a Ray actor.
+"""PlannerActor: the offline planner (``planning.make_plan``) as a Ray actor.
 
 CP-SAT is CPU-heavy and runs for its time limit; in an actor it can run on any node of the
 cluster (not necessarily the driver's) and later re-plan the remaining requests, e.g. after a
-replica was lost, while the run goes on.
+replica was lost, while the run goes on. The driver does not wait for it: the run starts on the
+initial plan (``planner.initial``) and switches to this one when it arrives (``actors/driver.py``).
 """
 from __future__ import annotations
 
 from ..config import ClusterSpec
-from ..planner.plan import Plan, make_plan
+from ..planner.plan import Plan
+from ..planning import make_plan
 from ..workload import Request
 
 

@@ -28,6 +28,16 @@ applied, so the controller can tell which of its own changes a report already re
 pull-based dispatcher (``report_finished``), every iteration that finished requests pushes at
 once, listing them: the dispatcher releases the next block when one completes.
 
+Failed engine steps. An ``execute`` that raises costs the lines the engine held, not the replica:
+the engine forgets them (``reset``), the state hands back every sequence that had started
+(``ReplicaState.drain_unfinished(started_only=True)``; those never started stay queued), and the
+next ``poll`` carries a ``StepFailure``: their ids, those of the failing step's own sequences, and
+the error. The driver requeues them from their prompts through the controller, as it does a lost
+replica's, and gives a line that was in two failing steps an error line instead
+(``actors/driver.py``). An engine without ``reset``, a ``reset`` that raises, or
+more than ``MAX_FAILED_STEPS`` failures in a row (no step between ran), stop the loop: the replica
+is then lost (the driver's failure path).
+
 Controller generations. The driver replaces a dead or hung controller (``actors/driver.py``) and
 points every replica at the new one with ``set_controller(handle, gen)``: the replica answers
 with its load and the ids it holds, and from then on ignores ``add`` / ``take_back`` calls of an
@@ -39,16 +49,32 @@ from __future__ import annotations
 import asyncio
 import bisect
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from ..config import ReplicaSpec
-from ..engines import Engine, EmulatedEngine, make_engine
+from ..engines.factory import Engine, EmulatedEngine, make_engine
+from ..engines.base import whole_seeded_prefill
 from ..replica import LoadReport, ReplicaState, Sequence
 from ..results import CompletionRecord
 from ..simulator import start_iteration
 from .clock import ModelClock
+
+log = logging.getLogger(__name__)
+
+
+MAX_FAILED_STEPS = 3           # engine steps that may fail in a row (none ran between); one more: replica lost
+
+
+@dataclass(slots=True)
+class StepFailure:
+    """An engine step raised: the sequences it cost, handed back to the driver to run again."""
+
+    error: str                 # "RuntimeError: ..." (one line)
+    ids: list[str]             # every sequence the engine held: restart from their prompts
+    blamed: list[str]          # of those, the ones in the failing step (a second time: an error line)
 
 
 @dataclass(slots=True)
@@ -59,6 +85,7 @@ class PollResult:
     report: LoadReport
     iterations: int
     behind_s: float            # the engine's worst lag behind its real-time schedule (real seconds)
+    failures: list[StepFailure] = field(default_factory=list)   # failed engine steps since the last poll
 
 
 @dataclass(slots=True)
@@ -75,6 +102,8 @@ class ReplicaStats:
     late_sum_s: float = 0.0    # by how much in all (modelled seconds): Ray latency / time_scale
     late_max_s: float = 0.0
     fenced: int = 0            # sequences refused because an older controller generation sent them
+    first_iteration_at: float = 0.0   # real time (time.time()) its first iteration started; 0: none yet
+    failed_steps: int = 0      # engine steps that raised (their sequences were handed back)
     stopped: bool = False
     errors: list[str] = field(default_factory=list)
 
@@ -88,10 +117,12 @@ class ReplicaActor:
         if engine is None and engine_spec:     # a real engine loads its model here, in the actor's process
             engine = make_engine(time_scale=time_scale, spec=spec, **engine_spec)
         self.engine: Engine = engine if engine is not None else EmulatedEngine(time_scale)
+        whole_seeded_prefill(self.engine, self.state)   # an engine that cannot split a seeded prefill
         self.report_interval_s = report_interval_s
         # a pull-based dispatcher releases work when sequences finish: tell it at once, and which
         self.report_finished = report_finished
-        self.push_gap_s = 0.0 if report_finished else min(push_gap_s, report_interval_s)
+        self._push_gap_s = min(push_gap_s, report_interval_s)
+        self.push_gap_s = 0.0 if report_finished else self._push_gap_s
         self._finished: list[Sequence] = []   # finished since the last push (report_finished only)
         self._dirty = False                # completions not yet reported
         self.clock: ModelClock | None = None
@@ -103,6 +134,9 @@ class ReplicaActor:
         self._arriving: list[tuple[float, int, Sequence]] = []   # (visible at, order, seq), sorted
         self._order = itertools.count()
         self._done: list[CompletionRecord] = []
+        self._failures: list[StepFailure] = []     # failed steps not yet polled
+        self._handed_back: list[Sequence] = []     # their sequences (drain, set_controller: still ours)
+        self._failed_in_a_row = 0
         self._wake = asyncio.Event()       # work was added, or stop was asked
         self._has_done = asyncio.Event()   # completions are waiting for a poll
         self._task: asyncio.Task | None = None
@@ -136,9 +170,18 @@ class ReplicaActor:
         For retiring a replica; the replica runs nothing afterwards.
         """
         await self._halt()
-        out = self.state.drain_unfinished() + [s for _, _, s in self._arriving]
+        out = self.state.drain_unfinished() + [s for _, _, s in self._arriving] + self._handed_back
         self._arriving.clear()
+        self._handed_back, self._failures = [], []
         return out
+
+    async def set_policy(self, policy_factory: Callable[[ReplicaState], Any], report_finished: bool) -> None:
+        """A new iteration policy from the next iteration on (the full plan's online rule, arriving
+        while the run goes on the initial plan's); ``report_finished``: a dispatcher now wants each
+        push to list the sequences finished. What has started is untouched."""
+        self.policy = policy_factory(self.state)
+        self.report_finished = report_finished
+        self.push_gap_s = 0.0 if report_finished else self._push_gap_s
 
     # -- work in and out ------------------------------------------------------------------------
     async def add(self, seqs: list[Sequence], tag: int = 0, at: float | None = None, gen: int = 0) -> int:
@@ -194,14 +237,15 @@ class ReplicaActor:
         self.stats.polls += 1
         if self.stats.errors:
             raise RuntimeError(f"{self.state.name}: iteration loop failed: {self.stats.errors[0]}")
-        if not self._done and wait_s > 0 and not self._stop:
+        if not self._done and not self._failures and wait_s > 0 and not self._stop:
             self._has_done.clear()
             try:
                 await asyncio.wait_for(self._has_done.wait(), wait_s)
             except asyncio.TimeoutError:
                 pass
         out, self._done = self._done, []
-        return PollResult(out, self.report(), self.stats.iterations, self._behind())
+        failures, self._failures, self._handed_back = self._failures, [], []
+        return PollResult(out, self.report(), self.stats.iterations, self._behind(), failures)
 
     async def set_predictions(self, table, rekey: Callable[[Sequence], float] | None, version: int
                               ) -> tuple[LoadReport, int]:
@@ -231,6 +275,7 @@ class ReplicaActor:
         state = self.state
         held = [s.id for s in state.waiting] + list(state.running) + list(state.prefilling)
         held += [s.id for _, _, s in self._arriving] + [s.id for s in state.finished]
+        held += [s.id for s in self._handed_back]          # the driver requeues them at its next poll
         return self.report(), held
 
     def report(self) -> LoadReport:
@@ -289,7 +334,14 @@ class ReplicaActor:
                     continue
                 it = state.current
                 start = self._started = self.t
-                res = await self.engine.execute(it, state)
+                if not self.stats.first_iteration_at:
+                    self.stats.first_iteration_at = time.time()
+                try:
+                    res = await self.engine.execute(it, state)
+                except Exception as e:             # noqa: BLE001 -- the step's sequences run again
+                    self._step_failed(it, e)
+                    continue
+                self._failed_in_a_row = 0
                 end = start + res.duration_s
                 done = state.settle(res.completions, state.complete(it, start, end), end)
                 self.t = end
@@ -309,6 +361,27 @@ class ReplicaActor:
             raise
         finally:
             self._has_done.set()
+
+    def _step_failed(self, it, e: Exception) -> None:
+        """The engine raised in ``execute``: reset it, hand back what it held (module docstring).
+        Re-raises (the replica is lost) when the engine cannot be reset or keeps failing."""
+        state = self.state
+        error = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        self._failed_in_a_row += 1
+        self.stats.failed_steps += 1
+        reset = getattr(self.engine, "reset", None)
+        if reset is None or self._failed_in_a_row > MAX_FAILED_STEPS:
+            raise e
+        blamed = [s.id for s, _ in it.prefill] + ([s.id for s in state.running.values()] if it.decode else [])
+        reset()
+        lost = state.drain_unfinished(started_only=True)
+        log.warning("%s: engine step failed (%s); %d sequences restart from their prompts", state.name, error,
+                    len(lost))
+        self._handed_back.extend(lost)
+        self._failures.append(StepFailure(error, [s.id for s in lost], blamed))
+        self.engine.reset_pace()
+        self._has_done.set()
+        self._push()
 
     async def _halt(self) -> None:
         self._stop = True

@@ -11,20 +11,28 @@ section 7 (``hybrid-ray bench docs --only baselines`` rewrites it there).
 A request longer than every replica's KV cache can never run; in batch mode such requests are
 dropped from the Azure trace (148 of 19,366 on paper_llama65b, whose KV holds 4,400 tokens), and
 the ``requests`` column says how many ran.
+
+Each (config, workload) gets two rows, one per condition (``CONDITIONS``):
+
+* ``online + noise 0.05``, the headline: output lengths learned during the run (``--lengths
+  online``, every policy the same predictor) and engines whose iteration times stray from the cost
+  model the planner and policies use (``--cost-noise 0.05``: a fixed per-replica lognormal bias and
+  a per-iteration lognormal jitter, ``simulator.CostNoise``, seed ``NOISE_SEED``). The bound stays
+  the nominal model's.
+* ``oracle``: the paper's setting, lengths known in advance and the exact cost model.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 from ..config import ClusterSpec, load_cluster
 from ..inputs import load_inputs
 from ..jsonout import write_json
 from ..metrics import summarize
-from ..planner.binpack import deterministic_budget
+from ..planner.budget import DEFAULT_PLAN_OPTS
 from ..planner.bounds import lower_bound
-from ..policies import build_scheduler
-from ..simulator import simulate
+from ..planning import build_scheduler
+from ..simulator import CostNoise, simulate
 from ..workload import Request, load_workload
 from .cases import BASELINES
 
@@ -34,7 +42,11 @@ WORKLOADS = ("gsm8k", AZURE_BATCH)
 POLICIES = BASELINES + ("hybrid",)
 # the planner's default budget (simulate's 5 s -> 2 units) with no wall-clock limit: the same plan on a
 # loaded host as on a quiet one, and the same as `simulate` where the wall limit does not bind
-PLAN_OPTS = {"time_limit_s": math.inf, "deterministic_time": deterministic_budget(5.0)}
+PLAN_OPTS = DEFAULT_PLAN_OPTS          # `simulate`'s default plan budget (planner.budget)
+# (key, label, lengths, cost noise sigma): the headline condition first, then the paper's
+CONDITIONS = (("headline", "online + noise 0.05", "online", 0.05),
+              ("oracle", "oracle", "oracle", 0.0))
+NOISE_SEED = 0          # `hybrid-ray simulate ... --seed 0`: the cost noise's and the serve routers' seed
 
 
 def batch_mode(requests: list[Request], cluster: ClusterSpec) -> list[Request]:
@@ -51,13 +63,26 @@ def load_case(config: str, workload: str) -> tuple[ClusterSpec, list[Request]]:
     return load_inputs(config, workload)
 
 
-def one_row(config: str, workload: str, policies=POLICIES, plan_opts: dict | None = None) -> dict:
+def _condition(condition: str) -> tuple[str, str, str, float]:
+    for c in CONDITIONS:
+        if c[0] == condition:
+            return c
+    raise ValueError(f"unknown condition {condition!r}; choose from {', '.join(c[0] for c in CONDITIONS)}")
+
+
+def one_row(config: str, workload: str, policies=POLICIES, plan_opts: dict | None = None,
+            condition: str = "oracle") -> dict:
+    """One row: ``hybrid-ray simulate --config C --workload W --policy P`` for every policy, under
+    ``condition`` (``CONDITIONS``: the headline adds ``--lengths online --cost-noise 0.05 --seed 0``)."""
+    key, label, lengths, sigma = _condition(condition)
     cl, reqs = load_case(config, workload)
-    row: dict = {"config": config, "workload": workload, "requests": len(reqs),
-                 "bound": lower_bound(cl, reqs).value_s}
+    row: dict = {"config": config, "workload": workload, "condition": key, "condition_label": label,
+                 "lengths": lengths, "cost_noise": sigma, "requests": len(reqs), "bound": lower_bound(cl, reqs).value_s}
     opts = PLAN_OPTS if plan_opts is None else plan_opts
+    noise = CostNoise(sigma, NOISE_SEED) if sigma else None
     for p in policies:
-        row[p] = summarize(simulate(cl, build_scheduler(p, cl, reqs, **opts), reqs)).makespan_s
+        sch = build_scheduler(p, cl, reqs, lengths=lengths, seed=NOISE_SEED, **opts)
+        row[p] = summarize(simulate(cl, sch, reqs, noise=noise)).makespan_s
     base = [p for p in policies if p != "hybrid"]
     if base:
         row["best_baseline"] = min(base, key=lambda p: row[p])
@@ -67,11 +92,12 @@ def one_row(config: str, workload: str, policies=POLICIES, plan_opts: dict | Non
 
 
 def rows(configs=CONFIGS, workloads=WORKLOADS, policies=POLICIES, plan_opts: dict | None = None,
-         progress=None) -> list[dict]:
+         progress=None, conditions=tuple(c[0] for c in CONDITIONS)) -> list[dict]:
     out = []
     for wl in workloads:
         for cfg in configs:
-            out.append(one_row(cfg, wl, policies, plan_opts))
+            for cond in conditions:
+                out.append(one_row(cfg, wl, policies, plan_opts, cond))
             if progress:
                 progress(f"  {wl} x {cfg} done")
     return out
@@ -79,12 +105,13 @@ def rows(configs=CONFIGS, workloads=WORKLOADS, policies=POLICIES, plan_opts: dic
 
 def table(data: list[dict], policies=POLICIES) -> str:
     base = [p for p in policies if p != "hybrid"]
-    head = ("| config | workload | requests | " + " | ".join("baseline (v0)" if p == "baseline" else p for p in base)
+    head = ("| config | workload | condition | requests | "
+            + " | ".join("baseline (v0)" if p == "baseline" else p for p in base)
             + " | best baseline | hybrid | hybrid / best | bound | hybrid's gap |")
-    lines = [head, "|---|---|" + "---:|" * (len(base) + 6)]
+    lines = [head, "|---|---|---|" + "---:|" * (len(base) + 6)]
     for r in data:
         best = r["best_baseline"]
-        lines.append(f"| {r['config']} | {r['workload']} | {r['requests']:,} | "
+        lines.append(f"| {r['config']} | {r['workload']} | {r.get('condition_label', 'oracle')} | {r['requests']:,} | "
                      + " | ".join(f"{r[p]:.2f}" for p in base)
                      + f" | {best} | {r['hybrid']:.2f} | {r['hybrid_vs_best_baseline']:.3f} | {r['bound']:.2f} | "
                      f"{100 * r['hybrid_gap']:.1f} % |")
@@ -92,7 +119,11 @@ def table(data: list[dict], policies=POLICIES) -> str:
 
 
 def main(out: str | None = None) -> list[dict]:
-    data = rows(progress=print)
+    from ..progress import PhaseLine
+
+    line = PhaseLine("bench baselines", quiet_s=0.0)
+    data = rows(progress=lambda text: line(text.strip()))
+    line.close()
     print(table(data))
     if out:
         write_json(out, data)

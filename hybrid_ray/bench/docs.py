@@ -13,7 +13,7 @@ are the same code. ``bench docs`` rewrites the regions in place; ``--check`` onl
 exits 1 listing the tables that differ.
 
 Simulated tables are deterministic: every run plans with the planner's default budget
-(``baselines.PLAN_OPTS``: CP-SAT's deterministic budget of `simulate`'s 5 s, no wall-clock limit),
+(``baselines.PLAN_OPTS``: `simulate`'s default, a budget scaled to the batch, no wall-clock limit),
 so a loaded host gives the same numbers as a quiet one. Tables flagged ``timing`` hold wall-clock
 measurements (decision latency, simulator speed, Ray runs, real engines): not reproducible, so
 they are rewritten and checked only when named (``--only NAME``) or with ``--timing``.
@@ -183,7 +183,7 @@ def _history(config: str, workload: str) -> tuple[tuple[int, int], ...]:
 def _sim(config: str, workload: str, policy: str, lengths: str = "oracle", history: bool = False):
     """(record, summary) of ``hybrid-ray simulate --config C --workload W --policy P --lengths L``."""
     from ..metrics import summarize
-    from ..policies import build_scheduler
+    from ..planning import build_scheduler
     from ..simulator import simulate
     cl, reqs = _inputs(config, workload)
     hist = list(_history(config, workload)) if history else None
@@ -203,15 +203,13 @@ def _paper() -> dict:
 
 @cache
 def _cases(n: int = 100, seed: int = 0) -> dict:
-    """`bench cases --n 100 --seed 0` (n // 5 long-context cases too), each plan with that command's
-    budget (1 s -> 0.4 deterministic units) and no wall limit: the same on a loaded host."""
-    import math
-    from ..planner.binpack import deterministic_budget
+    """`bench cases --n 100 --seed 0` (n // 5 long-context cases too), each plan with `simulate`'s
+    default budget and no wall limit: the same on a loaded host."""
     from ..workload import load_gsm8k
     from .cases import case_seeds, report, run_case
     t0 = time.perf_counter()
-    pool, opts = load_gsm8k(), {"deterministic_time": deterministic_budget(1.0)}
-    results = [run_case(i, s, pool if kind == "gsm8k" else None, time_limit_s=math.inf, kind=kind, plan_opts=opts)
+    pool = load_gsm8k()
+    results = [run_case(i, s, pool if kind == "gsm8k" else None, kind=kind)
                for i, s, kind in case_seeds(n, seed, n // 5)]
     return report(results, seed, None, time.perf_counter() - t0, progress=None)
 
@@ -232,7 +230,8 @@ def _opt(x: float | None, spec: str) -> str:
 PAPER_CFG = "paper_llama65b"
 LABELS = {"baseline": "baseline (v0: least-loaded + FCFS prefill-first)",
           "vllm": "vllm (least-loaded + vLLM v1 engines)",
-          "serve": "serve (power-of-two router, bounded queues, v1 engines)",
+          "serve": "serve (tuned: power-of-two router, bounded queues, v1 engines)",
+          "serve-llm": "serve-llm (Serve LLM's default: power-of-two router, unbounded queues, v1 engines)",
           "raydata": "raydata (Ray Data LLM blocks, v1 engines)",
           "lpt-engine": "lpt-engine (least-loaded + longest-first v1 engines)",
           "chunked": "chunked (least-loaded + Sarathi, 512)",
@@ -338,6 +337,13 @@ def simscale_table() -> str:
     return "\n".join(lines)
 
 
+@table("planscale", "benchmarks: the whole plan's wall time, 1k to 1M requests", timing=True,
+       also="hybrid-ray bench planscale")
+def planscale_table() -> str:
+    from .planscale import SIZES, format_rows, row
+    return format_rows([row(n) for n in SIZES])
+
+
 @table("perf", "benchmarks: planner, decision latency, simulator and Ray runtime speed", timing=True,
        also="hybrid-ray bench perf")
 def perf_table() -> str:
@@ -379,8 +385,7 @@ def rule_ablation() -> str:
     from dataclasses import replace
 
     from ..metrics import summarize
-    from ..planner.plan import make_plan
-    from ..policies import build_scheduler
+    from ..planning import build_scheduler, make_plan
     from ..simulator import simulate
     cl, reqs = _inputs(PAPER_CFG, "gsm8k")
     plan = make_plan(cl, reqs, bands="off", **bl.PLAN_OPTS)
@@ -503,7 +508,7 @@ RUNTIME_ROWS = (("paper_llama65b", "gsm8k", 120, "oracle", ("baseline", "chunked
 @table("run-vs-simulate", "runtime: `run` on local Ray actors against `simulate`, same inputs", timing=True)
 def run_vs_simulate() -> str:
     from ..metrics import summarize
-    from ..policies import build_scheduler
+    from ..planning import build_scheduler
     from ..runtime import RunOptions, run
     from ..simulator import simulate
     lines = ["| config / workload | policy | run makespan | simulate makespan |", "|---|---|---|---|"]
@@ -512,9 +517,10 @@ def run_vs_simulate() -> str:
         what = f"{cfg}, {'GSM8K' if wl == 'gsm8k' else wl} {len(reqs):,}" + (
             f", `--lengths {lengths}`" if lengths != "oracle" else "")
         for p in policies:
-            # emulated replicas reserve a tenth of a CPU each, so that the GPU configs run on any host
+            # emulated replicas reserve a tenth of a CPU each, so that the GPU configs run on any host;
+            # planned policies start on the full plan, as `simulate` does (not on the initial one)
             res = run(RunOptions(config=cfg, workload=wl, limit=limit, policy=p, lengths=lengths, progress=False,
-                                 cpus_per_replica=0.1))
+                                 cpus_per_replica=0.1, wait_for_plan=True))
             sim = summarize(simulate(cl, build_scheduler(p, cl, reqs, lengths=lengths), reqs))
             lines.append(f"| {what} | {p} | {res.summary.makespan_s:.3f} s | {sim.makespan_s:.3f} s |")
     return "\n".join(lines)

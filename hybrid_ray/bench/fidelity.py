@@ -41,7 +41,7 @@ def fit_row(engine, grid=None) -> tuple:
 
 
 def _ratio(reals: list[float], cluster, requests) -> dict:
-    from ..policies import build_scheduler
+    from ..planning import build_scheduler
     from ..simulator import simulate
 
     sim = simulate(cluster, build_scheduler("baseline", cluster, requests), requests).makespan_s

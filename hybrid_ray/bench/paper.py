@@ -15,7 +15,8 @@ from ..inputs import load_inputs
 from ..jsonout import write_json
 from ..metrics import summarize
 from ..planner.bounds import lower_bound
-from ..policies import build_scheduler
+from ..planner.budget import DEFAULT_PLAN_OPTS
+from ..planning import build_scheduler
 from ..simulator import simulate
 
 # Pang et al., arXiv 2502.15763, abstract: total time (s) and utilization (%)
@@ -25,7 +26,8 @@ POLICIES = ("baseline", "chunked", "raydata", "lpt-engine", "offline", "hybrid")
 
 def run_paper(config: str = "paper_llama65b", workload: str = "gsm8k", out_dir: str | None = "results",
               policies: tuple[str, ...] = POLICIES, progress=print, plan_opts: dict | None = None) -> dict:
-    """``plan_opts``: planner options for build_scheduler (bench docs: a deterministic budget)."""
+    """``plan_opts``: planner options for build_scheduler (default: `simulate`'s, ``DEFAULT_PLAN_OPTS``)."""
+    plan_opts = DEFAULT_PLAN_OPTS if plan_opts is None else plan_opts
     t0 = time.perf_counter()
     cluster, requests = load_inputs(config, workload)
     lb = lower_bound(cluster, requests).value_s

@@ -17,7 +17,7 @@ from ..inputs import load_inputs
 from ..jsonout import write_json
 from ..planner.binpack import pack
 from ..planner.estimate import request_work
-from ..policies import build_scheduler
+from ..planning import build_scheduler
 from ..simulator import simulate
 from ..workload import load_gsm8k
 from . import decision
@@ -68,7 +68,7 @@ def runtime_rows(policies=("baseline", "hybrid")) -> list[dict]:
         t0 = time.perf_counter()
         sim = simulate(cl, sched, reqs)
         sim_wall = time.perf_counter() - t0
-        res = run(RunOptions(config="local", workload="gsm8k", policy=pol, progress=False))
+        res = run(RunOptions(config="local", workload="gsm8k", policy=pol, progress=False, wait_for_plan=True))
         rows.append({"policy": pol, "time_scale": cl.time_scale, "simulate_makespan_s": sim.makespan_s,
                      "run_makespan_s": res.summary.makespan_s, "simulate_wall_s": sim_wall,
                      "run_wall_s": res.run_wall_s, "total_wall_s": res.wall_s,

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..config import load_cluster
 from ..jsonout import write_json
-from ..policies import build_scheduler
+from ..planning import build_scheduler
 from ..simulator import simulate
 from ..workload import Request, load_gsm8k
 

@@ -6,6 +6,16 @@ for the emulated engine the cost model's time, for a real engine the measured ti
 time_scale is 1). A real engine reports every sequence it finished in ``completions`` (text,
 tokens, finish reason); one it stopped before our state's count (EOS, a stop string) is freed by
 the replica (``ReplicaState.finish_early``): the state learns the true length then.
+
+Two optional members (read with ``getattr``):
+
+* ``seeded_chunking`` (default True): whether the engine can split a seeded sequence's prefill
+  over iterations. vLLM rewinds a seeded request's ``torch.Generator`` after a partial prefill
+  (``set_offset``), which a CPU generator cannot do, so ``VLLMEngine`` detects it on its device;
+  when False, the replica's state prefills seeded sequences whole (``ReplicaState.whole_seeded``,
+  set by ``whole_seeded_prefill``) and every policy's chunking respects it.
+* ``reset()``: forget every sequence, after ``execute`` raised (the replica restarts them from
+  their prompts, ``actors/replica.py``); an engine without it cannot recover from a failed step.
 """
 from __future__ import annotations
 
@@ -20,6 +30,11 @@ from ..replica import Iteration, ReplicaState
 class EngineResult:
     duration_s: float                                        # modelled seconds the iteration took
     completions: dict[str, Completion] = field(default_factory=dict)  # sequences the engine finished, by id
+
+
+def whole_seeded_prefill(engine, state: ReplicaState) -> None:
+    """Tell ``state`` whether ``engine`` must prefill seeded sequences in one piece (``seeded_chunking``)."""
+    state.whole_seeded = not getattr(engine, "seeded_chunking", True)
 
 
 class Engine(Protocol):

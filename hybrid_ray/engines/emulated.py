@@ -38,3 +38,7 @@ class EmulatedEngine:
 
     def reset_pace(self) -> None:
         self._due = 0.0
+
+    def reset(self) -> None:
+        """Nothing is held between iterations: a failed step loses nothing here."""
+        self._due = 0.0

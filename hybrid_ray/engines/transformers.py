@@ -244,6 +244,10 @@ class TransformersEngine:
     def reset_pace(self) -> None:
         """Nothing to pace: a real engine's iterations take the time they take."""
 
+    def reset(self) -> None:
+        """Forget every sequence and its cache (after a failed step: they restart from their prompts)."""
+        self._seqs.clear()
+
     # -- sequences ------------------------------------------------------------------------------
     def add_sequence(self, key: str, prompt: int, limit: int, generated: int = 0) -> None:
         """Register a sequence (synthetic prompt; ``generated`` filler tokens if it arrives part-done)."""

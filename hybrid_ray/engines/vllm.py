@@ -14,6 +14,11 @@ own scheduler class with its choices replaced by our plan. Per iteration:
   decodes; then one ``LLMEngine.step()``, timed (time_scale 1: modelled = measured seconds).
   ``PlannedScheduler`` raises if vLLM's ``SchedulerOutput`` differs from the plan.
 
+Seeded sampling: vLLM rewinds a seeded request's ``torch.Generator`` (``set_offset``) after every
+step that prefills only part of its prompt; a CPU generator has no offset and raises. The engine
+tries it on its device (``generator_rewinds``) and, where it fails, says so (``seeded_chunking``
+False): the replica's state then prefills seeded sequences whole (``ReplicaState.whole_seeded``).
+
 Every request vLLM finishes (EOS, a stop string, max_tokens, the model's context) comes back as a
 ``Completion`` (text, token ids, finish reason); ``ReplicaState.settle`` frees one our state still
 counted as running, which is how the state learns the true output length.
@@ -45,6 +50,20 @@ from .base import EngineResult
 from .transformers import EngineSetupError, StepResult, synthetic_tokens
 
 KV_SPACE_GIB = "1"            # VLLM_CPU_KVCACHE_SPACE default: vLLM would reserve most of the host's memory
+
+
+def generator_rewinds(device: str) -> bool:
+    """Whether a ``torch.Generator`` on ``device`` takes an offset, as vLLM needs to split a seeded
+    request's prefill (``gpu_model_runner``: ``gen.set_offset(gen.get_offset() - 4)`` after a partial
+    prefill). A CPU generator raises "CPU Generator does not use offset"; tried, not assumed."""
+    import torch
+
+    try:
+        g = torch.Generator(device=device)
+        g.set_offset(g.get_offset())
+    except Exception:                      # noqa: BLE001 -- RuntimeError on CPU; anything else: no rewind either
+        return False
+    return True
 
 
 def sampling_params(s: Sequence) -> Any:
@@ -114,6 +133,8 @@ class VLLMEngine:
         if not isinstance(self.scheduler, PlannedScheduler):
             raise EngineSetupError("the vllm engine needs its engine core in this process with PlannedScheduler "
                                    "(VLLMEngine.from_model builds it so)")
+        # a seeded prefill may be split over steps only where vLLM can rewind its generator
+        self.seeded_chunking = generator_rewinds(str(llm.vllm_config.device_config.device_type or "cpu"))
         self.vid: dict[str, str] = {}          # our sequence id -> vLLM request id, while vLLM holds it
         self.held: dict[str, Sequence] = {}    # the sequences vLLM holds
         self.added: list[str] = []             # every add_request, in order (tests, logs)
@@ -200,6 +221,20 @@ class VLLMEngine:
 
     def reset_pace(self) -> None:
         """Nothing to pace: vLLM's steps take the time they take."""
+
+    def reset(self) -> None:
+        """After a step raised: abort every request vLLM holds (the replica restarts them from their
+        prompts) and drop the plan the failed step left, so the next step starts clean."""
+        def abort() -> None:
+            rids = set(self.vid.values()) | set(self.scheduler.requests)
+            if rids:
+                self.llm.abort_request(sorted(rids), internal=True)
+
+        self.scheduler.clear_plan()
+        self.thread.submit(abort).result()
+        self.aborted.extend(self.vid)
+        self.vid.clear()
+        self.held.clear()
 
     def close(self) -> None:
         """Stop vLLM's engine core and the engine thread: its bound OpenMP threads would otherwise keep

@@ -48,6 +48,10 @@ class PlannedScheduler(Scheduler):
         self._plan = dict(tokens)
         self._preempt = list(preempt)
 
+    def clear_plan(self) -> None:
+        """Drop a plan a failed step left behind (``VLLMEngine.reset``)."""
+        self._plan, self._preempt = None, []
+
     # -- vLLM hooks -------------------------------------------------------------------------------
     def _reserve_prefill_lookahead(self, request, num_computed_tokens: int, num_new_tokens: int) -> int:
         n = super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)

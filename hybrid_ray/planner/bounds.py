@@ -144,8 +144,11 @@ def _arrays(requests: list[Request]) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return p, o, a
 
 
-def lower_bound(cluster: ClusterSpec, requests: list[Request]) -> LowerBound:
-    """Valid lower bound on the makespan (first arrival to last finish) for any schedule."""
+def lower_bound(cluster: ClusterSpec, requests: list[Request], thorough: bool = True) -> LowerBound:
+    """Valid lower bound on the makespan (first arrival to last finish) for any schedule.
+
+    ``thorough=False`` skips the costliest LP (two replicas apart, on mixed clusters; seconds on
+    a large batch): the bound stays valid, only possibly lower (an anytime planner short of time)."""
     if not requests:
         return LowerBound(0.0, 0.0, 0.0, "")
     p, o, a = _arrays(requests)
@@ -178,7 +181,7 @@ def lower_bound(cluster: ClusterSpec, requests: list[Request]) -> LowerBound:
         big = int(np.argmax(o))
         # two replicas apart is never below one apart (h2's rows hold on the pool's replicas too);
         # one apart is the fallback where GLOP proves nothing for two
-        apart = (_lp_two_longest(cluster, tq, chains, types, big, float(o.max()), ramps)
+        apart = ((thorough and _lp_two_longest(cluster, tq, chains, types, big, float(o.max()), ramps))
                  or _lp_longest(cluster, tq, chains, types, big, float(o.max()), ramps))
         steps_s = max(steps_s, apart)
     # shrink by a few ulps so float summation order can never lift the bound above a makespan

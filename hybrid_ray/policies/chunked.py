@@ -2,7 +2,10 @@
 rest of a fixed token budget with prompt chunks (in-progress prompts first, then new ones FCFS).
 
 Decodes never stall for a whole prompt, which bounds inter-token latency; the price is that
-long prompts take several iterations. This is vLLM v1's default scheduler shape.
+long prompts take several iterations. This is vLLM v1's default scheduler shape. Chunks are cut
+by ``ReplicaState.prefill_chunk``: a prompt that must be prefilled whole (a seeded one on an
+engine that cannot split it) waits, FCFS, until it fits the budget left; when it fits no
+iteration's budget it runs alone at the head of a prefill-only iteration.
 """
 from __future__ import annotations
 
@@ -25,8 +28,8 @@ class ChunkedPrefill:
         for s in r.prefilling.values():
             if budget <= 0:
                 break
-            n = min(budget, s.prefill_target - s.prefilled)
-            if n + 1 > kv_free:
+            n = r.prefill_chunk(s, budget)
+            if n <= 0 or n + 1 > kv_free:
                 break
             chunks.append((s, n))
             budget -= n
@@ -35,7 +38,11 @@ class ChunkedPrefill:
         for s in r.waiting:
             if budget <= 0 or slots <= 0:
                 break
-            n = min(budget, s.prefill_target)
+            n = r.prefill_chunk(s, budget)
+            if n <= 0:
+                if not chunks and s.prefill_target > limit - len(r.running) and s.prefill_target + 1 <= kv_free:
+                    return Iteration(PREFILL, [(s, s.prefill_target)], decode=False)   # whole: fits no budget
+                break
             if n + 1 > kv_free:
                 break
             chunks.append((s, n))
@@ -44,7 +51,11 @@ class ChunkedPrefill:
             slots -= 1
         if not chunks and not r.running and r.waiting and kv_free > 1:
             s = r.waiting[0]   # budget smaller than the batch: still make progress
-            chunks.append((s, min(limit, s.prefill_target, kv_free - 1)))
+            n = r.prefill_chunk(s, min(limit, kv_free - 1))
+            if n <= 0 and s.prefill_target + 1 <= kv_free:
+                n = s.prefill_target           # whole (prefill_chunk): alone, above the budget
+            if n > 0:
+                chunks.append((s, n))
         if r.running:
             return Iteration(MIXED if chunks else DECODE, chunks, decode=True)
         if chunks:

@@ -42,10 +42,10 @@ from __future__ import annotations
 import numpy as np
 
 from ..costmodel import CostModel
+from ..knobs import RAMPS
 from ..replica import DECODE, MIXED, PREFILL, WAITING, Iteration, ReplicaState, Sequence
 from .fcfs import admit_in_order
 
-RAMPS = ("shortest", "plan", "off")     # start-up program orders (LagrangianPolicy._start), or none
 
 
 def startup_program(cost: CostModel, prompts: list[int], batch: int, budget: int, mu: float) -> list[int]:
@@ -128,19 +128,21 @@ class LagrangianPolicy:
         """Prefill tokens a mixed iteration may carry (chunk size within the token budget)."""
         return min(self.chunk_tokens, r.max_batched_tokens) - len(r.running)
 
-    def _insert_cost(self, r: ReplicaState, tokens: int, attn: int, t_d: float) -> tuple[float, bool]:
+    def _insert_cost(self, r: ReplicaState, tokens: int, attn: int, t_d: float,
+                     mixable: bool = True) -> tuple[float, bool]:
         """(overhead, mixed?) of inserting prompts with ``tokens``/``attn`` into this replica.
 
         The overhead is the insertion's time minus the prompts' own compute (per-token and
         attention work), which is paid whenever they are prefilled: only the fixed part (the
         prefill floor and base, the decode stall, or what mixing saves) depends on *when*.
-        Comparing whole costs instead would favour waiting for short prompts.
+        Comparing whole costs instead would favour waiting for short prompts. ``mixable`` False:
+        the first prompt cannot ride on a decode step (``_chunks`` cuts nothing of it).
         """
         cost = r.cost
         p = cost.prefill
         own = p.per_token_s * tokens + p.per_token_sq_s * attn
         pre = cost.prefill_time(tokens, attn) - own
-        if not (self.allow_mixed and r.running):
+        if not (self.allow_mixed and r.running and mixable):
             return pre, False
         if self.chunk_tokens > 0:
             limit = self._chunk_limit(r)
@@ -155,13 +157,16 @@ class LagrangianPolicy:
         return (extra, True) if extra < pre else (pre, False)
 
     def _chunks(self, r: ReplicaState, batch: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
-        """Cap a mixed iteration's prefill tokens at the chunk limit (the rest continues later)."""
+        """Cap a mixed iteration's prefill tokens at the chunk limit (the rest continues later); in
+        queue order, up to the first prompt that must be prefilled whole and does not fit
+        (``ReplicaState.prefill_chunk``). Empty: the first prompt cannot be mixed in at all."""
         budget = self._chunk_limit(r)
         out = []
-        for s, n in batch:
-            if budget <= 0:
+        for s, _ in batch:
+            n = r.prefill_chunk(s, budget)
+            if n <= 0:
                 break
-            out.append((s, min(n, budget)))
+            out.append((s, n))
             budget -= n
         return out
 
@@ -174,7 +179,7 @@ class LagrangianPolicy:
         kv_free = r.kv_free - (len(r.running) if decode else 0)
         chunks = []
         for s in r.prefilling.values():
-            n = min(budget, s.prefill_target - s.prefilled, kv_free - 1)
+            n = r.prefill_chunk(s, min(budget, kv_free - 1))
             if n <= 0:
                 break
             chunks.append((s, n))
@@ -228,11 +233,14 @@ class LagrangianPolicy:
         k = len(batch)
         tokens = sum(n for _, n in batch)
         attn = sum(n * n for _, n in batch)
-        now_cost, mixed = self._insert_cost(r, tokens, attn, t_d)
-        best_wait = self._best_deferral(r, k, tokens, attn, mu, t_d, memo[1] if memo and memo[0] is r else None)
+        chunks = self._chunks(r, batch) if self.chunk_tokens > 0 else batch
+        mixable = bool(chunks)
+        now_cost, mixed = self._insert_cost(r, tokens, attn, t_d, mixable)
+        best_wait = self._best_deferral(r, k, tokens, attn, mu, t_d, memo[1] if memo and memo[0] is r else None,
+                                        mixable)
         if now_cost / k <= best_wait:
             if mixed:
-                return Iteration(MIXED, self._chunks(r, batch) if self.chunk_tokens > 0 else batch, decode=True)
+                return Iteration(MIXED, chunks, decode=True)
             return Iteration(PREFILL, batch, decode=False)
         self.deferrals += 1
         return Iteration(DECODE, decode=True)
@@ -244,7 +252,7 @@ class LagrangianPolicy:
         the replica that holds the longest request, that request), then the shortest prompts, which
         fill the batch fastest; "plan": in queue order, the fullest slots first, so that the ones
         started late are those with room to spare (which is faster depends on the batch: the planner
-        simulates both, ``planner.plan.RULES``)."""
+        simulates both, ``planning.RULES``)."""
         if self.ramp != "plan":
             batch = [batch[k] for k in ramp_order([n for _, n in batch])]
         seqs = [s for s, _ in batch]
@@ -272,7 +280,7 @@ class LagrangianPolicy:
         return r.finishing(self.horizon)
 
     def _best_deferral(self, r: ReplicaState, k: int, tokens: int, attn: int, mu: float, t_d: float,
-                       finishing: list[int] | None = None) -> float:
+                       finishing: list[int] | None = None, mixable: bool = True) -> float:
         """min over j of the per-request cost of deferring j steps (inf if deferring gains nothing)."""
         horizon = self.horizon
         if finishing is None:
@@ -300,7 +308,7 @@ class LagrangianPolicy:
                 tokens += n
                 attn += n * n
             last_kj = kj
-            cost, _ = self._insert_cost(r, tokens, attn, t_d)
+            cost, _ = self._insert_cost(r, tokens, attn, t_d, mixable)
             per = (cost + lost) / kj
             if per < best:
                 best = per

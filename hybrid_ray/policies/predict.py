@@ -5,6 +5,8 @@ with history has: the q-quantile of output length among past requests with a sim
 length (prompt-length buckets at the history's quantiles), fitted once on a seeded sample of the
 workload (or on ``--history``), so its errors are real errors. ``online`` learns from this run's
 own completions (``OnlinePredictor``), as a server facing traffic it has never seen must.
+``learned`` (``learned.py``) reads the request (prompt text, kind, model, system prompt, max_tokens)
+and predicts quantiles (``predict_quantiles``).
 
 Predictors are pure (no I/O): history arrives as (prompt_tokens, output_tokens) pairs, read by
 ``hybrid_ray/history.py``.
@@ -22,7 +24,7 @@ import numpy as np
 from ..workload import Request
 from .base import OraclePredictor
 
-LENGTH_MODES = ("oracle", "quantile", "online")
+LENGTH_MODES = ("oracle", "quantile", "online", "learned")
 
 PRIOR_TOKENS = 256            # online prediction before any completion or history (capped at max_tokens)
 # Fixed prompt-length buckets (log-spaced): bucket k holds prompts in [EDGES[k-1], EDGES[k]).
@@ -46,6 +48,16 @@ def history_pairs(requests: Iterable[Request]) -> list[tuple[int, int]]:
     for q in requests:                            # a loop, not a comprehension: one frame to audit
         out.append((q.prompt_tokens, q.output_tokens))
     return out
+
+
+def predict_quantiles(predictor, req: Request) -> tuple[int, ...]:
+    """(p50, p90) of ``req``'s output tokens from a predictor (or its snapshot): its ``quantiles`` when it
+    has them (``learned``), else its point prediction twice."""
+    q = getattr(predictor, "quantiles", None)
+    if q is not None:
+        return tuple(q(req))
+    p = predictor.predict(req)
+    return (p, p)
 
 
 class QuantilePredictor:
@@ -255,7 +267,9 @@ class OnlinePredictor:
 def make_predictor(kind: str, requests: list[Request], seed: int = 0, history_fraction: float = 0.1,
                    history: list[tuple[int, int]] | None = None):
     """``oracle``; ``quantile`` (fitted on ``history`` pairs, else on a seeded ``history_fraction``
-    sample of the workload); ``online`` (learns from completions, starting from ``history``)."""
+    sample of the workload); ``online`` (learns from completions, starting from ``history``);
+    ``learned`` (``learned.LearnedPredictor``: reads the prompt, learns from ``history`` rows and
+    completions, predicts quantiles; the online predictor answers until its first fit)."""
     if kind == "oracle":
         return OraclePredictor()
     if kind == "quantile":
@@ -266,4 +280,7 @@ def make_predictor(kind: str, requests: list[Request], seed: int = 0, history_fr
         return QuantilePredictor(history_pairs(rng.sample(requests, min(n, len(requests)))))
     if kind == "online":
         return OnlinePredictor(history or ())
+    if kind == "learned":
+        from .learned import LearnedPredictor
+        return LearnedPredictor(requests, history or (), seed=seed, fallback=OnlinePredictor)
     raise ValueError(f"unknown length predictor {kind!r}; choose {', '.join(LENGTH_MODES)}")

@@ -10,11 +10,22 @@ the default router of Ray Serve LLM deployments):
 * a replica's queue length is its number of ongoing (unfinished) requests.
 
 So a replica never holds more than ``max_ongoing_requests`` requests: the rest wait centrally and
-go to whichever replica finishes work first, which balances the tails of a batch. Ray Serve
-LLM's own default (``RAY_SERVE_LLM_DEFAULT_MAX_ONGOING_REQUESTS``, Ray 2.60) is 1e9, i.e.
-unbounded; plain Serve's is 5. Our default is the bound an operator tunes it to, 2 x the
-replica's max batch size (``policy: {serve: {max_ongoing_requests: N}}`` sets it): a full batch
-running and one queued behind it, the strongest setting we measured for batch jobs.
+go to whichever replica finishes work first, which balances the tails of a batch.
+
+Two named policies use this router:
+
+* ``serve-llm``: Ray Serve LLM as deployed by default. Its deployments get
+  ``max_ongoing_requests = DEFAULT_MAX_ONGOING_REQUESTS = int(1e9)``
+  (``ray/llm/_internal/serve/constants.py``, env ``RAY_SERVE_LLM_DEFAULT_MAX_ONGOING_REQUESTS``;
+  applied by ``DEFAULT_DEPLOYMENT_OPTIONS`` in ``ray/llm/_internal/serve/core/server/builder.py``)
+  and Serve's default router, ``DEFAULT_REQUEST_ROUTER_PATH`` =
+  ``ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter``
+  (``ray/serve/_private/constants.py``). No bound in practice: every request is routed on arrival
+  by the two replicas' ongoing counts, and waits in that replica's engine.
+* ``serve``: the same router tuned for batch jobs, the bound an operator sets (plain Serve's own
+  default is 5, ``DEFAULT_MAX_ONGOING_REQUESTS`` in ``ray/serve/_private/constants.py``): 2 x the
+  replica's max batch size (``policy: {serve: {max_ongoing_requests: N}}`` sets it), a full batch
+  running and one queued behind it, the strongest setting we measured for batch jobs.
 
 Inside each replica, vLLM v1's scheduler runs the requests (``build_serve`` pairs this dispatcher
 with the ``vllm`` engine policy). The random draws come from a seeded generator: runs are
@@ -26,6 +37,10 @@ import random
 from collections import deque
 
 from ..replica import LoadReport, Sequence
+
+# Ray Serve LLM's default max_ongoing_requests (Ray 2.60, ray/llm/_internal/serve/constants.py):
+# int(1e9), i.e. no bound
+SERVE_LLM_MAX_ONGOING_REQUESTS = 1_000_000_000
 
 
 class ServeDispatcher:
