@@ -23,11 +23,8 @@ from pathlib import Path
 from typing import Iterable
 
 from .errors import HistoryError, HybridRayError, one_line
-from .openai_batch import read_batch, read_output
+from .openai_batch import first_object, read_batch, read_output
 from .workload import Request, load_file
-
-_SNIFF_LINES = 20
-
 
 class HistoryRow(tuple):
     """``(prompt_tokens, output_tokens)`` with the ``request`` it came from (None: counts only)."""
@@ -46,25 +43,17 @@ def _kind(p: Path) -> str:
     if p.suffix.lower() == ".csv":
         return "workload"
     try:
-        with p.open("r", encoding="utf-8-sig", errors="replace") as fh:
-            for k, line in enumerate(fh):
-                if k >= _SNIFF_LINES:
-                    break
-                try:
-                    obj = json.loads(line)
-                except (ValueError, RecursionError):
-                    continue
-                if not isinstance(obj, dict):
-                    continue
-                if "custom_id" in obj:
-                    return "batch-input" if ("body" in obj or "method" in obj or "url" in obj) else "batch-output"
-                if "replica" in obj or "finish_s" in obj or "error" in obj:
-                    return "results"
-                if any(k in obj for k in ("output_tokens", "prompt_tokens", "prompt", "messages")):
-                    return "workload"
-                return "results"
+        obj = first_object(p)
     except OSError as e:
         raise HistoryError(f"--history {p}: cannot read ({e.strerror or e})") from None
+    if obj is None:
+        return "results"
+    if "custom_id" in obj:
+        return "batch-input" if ("body" in obj or "method" in obj or "url" in obj) else "batch-output"
+    if "replica" in obj or "finish_s" in obj or "error" in obj:
+        return "results"
+    if any(k in obj for k in ("output_tokens", "prompt_tokens", "prompt", "messages")):
+        return "workload"
     return "results"
 
 

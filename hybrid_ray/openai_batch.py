@@ -624,6 +624,22 @@ def _cut(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def first_object(p: Path) -> dict | None:
+    """The first JSON object among a file's first _SNIFF_LINES lines (what auto-detection reads), or
+    None; OSError propagates."""
+    with p.open("r", encoding="utf-8-sig", errors="replace") as fh:
+        for k, line in enumerate(fh):
+            if k >= _SNIFF_LINES:
+                break
+            try:
+                obj = json.loads(line)
+            except (ValueError, RecursionError):
+                continue
+            if isinstance(obj, dict):
+                return obj
+    return None
+
+
 def is_batch_workload(spec: object) -> bool:
     """True for a ``BatchPath``, or a .jsonl/.json file whose first parseable object has ``custom_id``
     or ``body`` (plain workload files have ``prompt_tokens``/``output_tokens``)."""
@@ -635,19 +651,10 @@ def is_batch_workload(spec: object) -> bool:
     if p.suffix.lower() not in (".jsonl", ".json") or not p.is_file():
         return False
     try:
-        with p.open("r", encoding="utf-8-sig", errors="replace") as fh:
-            for k, line in enumerate(fh):
-                if k >= _SNIFF_LINES:
-                    break
-                try:
-                    obj = json.loads(line)
-                except (ValueError, RecursionError):
-                    continue
-                if isinstance(obj, dict):
-                    return "custom_id" in obj or "body" in obj
+        obj = first_object(p)
     except OSError:
         return False
-    return False
+    return obj is not None and ("custom_id" in obj or "body" in obj)
 
 
 def describe_errors(batch: BatchInput, shown: int = 3) -> str:

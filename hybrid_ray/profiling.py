@@ -111,30 +111,38 @@ def run_replica(engine, cluster, requests, policy: str = "baseline"):
     The simulator's loop with the engine's measured durations in place of the cost model: what
     a ``ReplicaActor`` does for its replica, minus the actor. For fidelity checks and tests.
     """
-    import asyncio
-
+    from .engines.base import whole_seeded_prefill
     from .planning import build_scheduler
     from .replica import ReplicaState
-    from .simulator import start_iteration
-
-    from .engines.base import whole_seeded_prefill
 
     sch = build_scheduler(policy, cluster, requests)
     state = ReplicaState(cluster.replicas()[0])
     whole_seeded_prefill(engine, state)
     pol = sch.policy_factory(state)
     state.add([sch.make_sequence(q) for q in requests])
+    drive_replica(engine, state, pol)
+    return state
+
+
+def drive_replica(engine, state, policy) -> float:
+    """Run ``state``'s queued work on ``engine`` under ``policy`` until it is done or the policy
+    waits: each iteration the policy chooses, executed, its measured time on the clock. Returns the
+    elapsed engine seconds."""
+    import asyncio
+
+    from .simulator import start_iteration
+
     loop = asyncio.new_event_loop()
     t = 0.0
     try:
-        while state.has_work and start_iteration(state, pol) is not None:
+        while state.has_work and start_iteration(state, policy) is not None:
             it = state.current
             res = loop.run_until_complete(engine.execute(it, state))
             state.settle(res.completions, state.complete(it, t, t + res.duration_s), t + res.duration_s)
             t += res.duration_s
     finally:
         loop.close()
-    return state
+    return t
 
 
 def replay_records(states) -> list:

@@ -31,14 +31,14 @@ def _chat_text(messages: list[dict]) -> str:
     return "".join(f"<|{m['role']}|>\n{m['content']}</s>\n" for m in messages) + "<|assistant|>\n"
 
 
-# the tiny model's tokenizer (engines/tiny_model.py: TinyModelArgs.vocab, SPECIAL_TOKENS, _tokenizer), made
-# here the same way so that loading a workload does not import the engines (tests/test_length_predictor.py
-# checks they agree)
-BUNDLED_VOCAB = 512
-SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
+# the tiny model's tokenizer (engines/tiny_model.py builds its model directory with ``train_bpe``): here,
+# below the engines, so that loading a workload does not import them
+BUNDLED_VOCAB = 512                                 # = engines.tiny_model.TinyModelArgs.vocab (tested)
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")           # ids 0, 1, 2 (LLaMA's)
 
 
-def _training_text() -> list[str]:
+def training_text() -> list[str]:
+    """The bundled GSM8K test questions and answers (what the tokenizer learns its merges from)."""
     import json
     from importlib.resources import files
 
@@ -51,24 +51,30 @@ def _training_text() -> list[str]:
     return out
 
 
-@functools.lru_cache(maxsize=1)
-def bundled_tokenizer():
-    """The tiny model's byte-level BPE (``tokenizers.Tokenizer``, trained on the bundled GSM8K text), or
-    None without ``tokenizers``."""
-    try:
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    except ImportError:
-        return None
+def train_bpe(vocab: int):
+    """A byte-level BPE (``tokenizers.Tokenizer``) of ``vocab`` ids trained on ``training_text()``, with
+    LLaMA's special tokens and a BOS prefix; needs ``tokenizers`` (ImportError without it)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=BUNDLED_VOCAB, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_training_text(), trainer=trainer)
+    tok.train_from_iterator(training_text(), trainer=trainer)
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B:1",
                                                        special_tokens=[("<s>", bos)])
     return tok
+
+
+@functools.lru_cache(maxsize=1)
+def bundled_tokenizer():
+    """The tiny model's byte-level BPE (``train_bpe(BUNDLED_VOCAB)``), or None without ``tokenizers``."""
+    try:
+        return train_bpe(BUNDLED_VOCAB)
+    except ImportError:
+        return None
 
 
 def prompt_counter(encoder) -> Counter:

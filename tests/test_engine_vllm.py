@@ -6,7 +6,6 @@ offline (``tiny_model_dir``), with a small replica KV so that policies preempt.
 """
 from __future__ import annotations
 
-import asyncio
 import random
 from dataclasses import replace
 
@@ -17,7 +16,7 @@ pytest.importorskip("vllm")
 from hybrid_ray.config import load_cluster
 from hybrid_ray.engines.vllm import VLLMEngine
 from hybrid_ray.payload import Payload, SamplingSpec
-from hybrid_ray.profiling import run_replica
+from hybrid_ray.profiling import drive_replica, run_replica
 from hybrid_ray.replica import DECODE
 from hybrid_ray.workload import Request
 
@@ -125,7 +124,6 @@ def test_seeded_prefills_stay_whole_where_the_generator_cannot_rewind_and_a_fail
     from hybrid_ray.engines.vllm import generator_rewinds
     from hybrid_ray.policies.chunked import ChunkedPrefill
     from hybrid_ray.replica import ReplicaState, Sequence
-    from hybrid_ray.simulator import start_iteration
 
     assert engine.seeded_chunking == generator_rewinds("cpu")
     try:
@@ -143,15 +141,7 @@ def test_seeded_prefills_stay_whole_where_the_generator_cannot_rewind_and_a_fail
         state.whole_seeded = whole
         state.add([Sequence(Request(f"{tag}{i}", 100, 8, payload=Payload(tuple(range(3, 103)), sp)), 8)
                    for i in range(2)])
-        loop, t, pol = asyncio.new_event_loop(), 0.0, ChunkedPrefill(64)
-        try:
-            while state.has_work and start_iteration(state, pol) is not None:
-                it = state.current
-                res = loop.run_until_complete(engine.execute(it, state))
-                state.settle(res.completions, state.complete(it, t, t + res.duration_s), t + res.duration_s)
-                t += res.duration_s
-        finally:
-            loop.close()
+        drive_replica(engine, state, ChunkedPrefill(64))
         return [s.completion.token_ids for s in sorted(state.finished, key=lambda s: s.id)]
 
     if not engine.seeded_chunking:

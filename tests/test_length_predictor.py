@@ -188,11 +188,12 @@ def test_workload_file_text_is_a_feature_and_prompt_tokens_what_is_charged(tmp_p
 
 def test_bundled_tokenizer_is_the_tiny_models():
     pytest.importorskip("tokenizers")
-    from hybrid_ray.engines.tiny_model import TinyModelArgs, _tokenizer
-    from hybrid_ray.tokens import bundled_tokenizer
+    from hybrid_ray.engines.tiny_model import TinyModelArgs
+    from hybrid_ray.tokens import BUNDLED_VOCAB, bundled_tokenizer, train_bpe
 
     text = "Janet's ducks lay 16 eggs per day."
-    assert bundled_tokenizer().encode(text).ids == _tokenizer(TinyModelArgs().vocab).encode(text).ids
+    assert TinyModelArgs().vocab == BUNDLED_VOCAB              # the model directory's tokenizer is this one
+    assert bundled_tokenizer().encode(text).ids == train_bpe(TinyModelArgs().vocab).encode(text).ids
     assert count_prompt_tokens([text], tokenizer=len) == [len(text)]
     assert estimate_tokens(text) == -(-len(text) // 4)
 

@@ -27,12 +27,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import HybridRayError
-from ..workload import _data_file
+from ..tokens import SPECIAL_TOKENS, train_bpe
 
 MARKER = "hybrid_ray_tiny_model.json"
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
          "generation_config.json", MARKER)
-SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")          # ids 0, 1, 2 (LLaMA's)
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n"
                  "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
@@ -88,32 +87,6 @@ def _complete(p: Path, args: TinyModelArgs) -> bool:
     return recorded == asdict(args) and all((p / f).is_file() for f in FILES)
 
 
-def training_text() -> list[str]:
-    """The bundled GSM8K test questions and answers (what the tokenizer learns its merges from)."""
-    out = []
-    with _data_file("gsm8k", "test.jsonl").open("r", encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                row = json.loads(line)
-                out += [row["question"], row["answer"]]
-    return out
-
-
-def _tokenizer(vocab: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(training_text(), trainer=trainer)
-    bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B:1",
-                                                       special_tokens=[("<s>", bos)])
-    return tok
-
-
 def _write(d: Path, a: TinyModelArgs) -> None:
     try:
         import torch
@@ -121,7 +94,7 @@ def _write(d: Path, a: TinyModelArgs) -> None:
     except ImportError as e:
         raise TinyModelError(f"building a tiny model needs the [engine] extra ({e}): "
                              f"pip install torch==2.13.0 && pip install -e '.[engine]'") from None
-    tok = _tokenizer(a.vocab)
+    tok = train_bpe(a.vocab)
     tok.save(str(d / "tokenizer.json"))
     unk, bos, eos = (tok.token_to_id(t) for t in SPECIAL_TOKENS)
     (d / "tokenizer_config.json").write_text(json.dumps({
@@ -142,4 +115,4 @@ def _write(d: Path, a: TinyModelArgs) -> None:
     (d / MARKER).write_text(json.dumps(asdict(a), indent=2))
 
 
-__all__ = ["TinyModelArgs", "TinyModelError", "build_tiny_model", "training_text"]
+__all__ = ["TinyModelArgs", "TinyModelError", "build_tiny_model"]
