@@ -392,7 +392,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     budget["progress"].close()
     fin = sorted(plan.predicted_finish_s.values())
     rows = [("planned makespan", f"{plan.planned_makespan_s:.2f} s"),
-            ("lower bound (any policy)", f"{plan.lower_bound_s:.2f} s"),
+            ("lower bound (any policy)", f"{plan.lower_bound_s:.2f} s" + (
+                f" ({plan.info['bound']}: the budget; `simulate` reports the full bound)"
+                if plan.info.get("bound", "full") != "full" else "")),
             ("gap to the lower bound", f"{100 * plan.gap:.2f} %"),
             *_simulated_rows(plan),
             ("assignment", _assignment_note(plan)),

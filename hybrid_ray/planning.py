@@ -106,7 +106,10 @@ def make_plan(cluster: ClusterSpec, requests: list[Request], predicted_output: n
     planned_out = np.maximum(1, np.rint(output)).astype(np.int64).tolist()  # round half to even, as round()
     batch = [Request(q.id, q.prompt_tokens, o, 0.0) for q, o in zip(requests, planned_out)]
     budget.enter("bound")
-    lb = lower_bound(cluster, batch, thorough=budget.left_s() >= THOROUGH_BOUND_S)
+    left = budget.left_s()
+    lb = lower_bound(cluster, batch, thorough=left >= THOROUGH_BOUND_S, lp=left >= LP_BOUND_S)
+    info_share["bound"] = ("full" if left >= THOROUGH_BOUND_S or len(cluster.groups) == 1 else
+                           "without the two-apart LP" if left >= LP_BOUND_S else "without the mixed-cluster LPs")
     info = {"pack_makespan_s": float(res.makespan), "pack_solve_time_s": float(res.solve_time_s), **info_share,
             "chain_bound_s": lb.chain_s, "work_bound_s": lb.work_s, "steps_bound_s": lb.steps_s,
             "speeds": speed_of_group.tolist(), "latency_moves": repaired}
@@ -213,6 +216,7 @@ PACK_SHARE = 0.3                 # of the budget, for the packing (CP-SAT); the 
 MIN_PACK_DETERMINISTIC = 0.01    # CP-SAT's smallest deterministic budget (it still returns its hint)
 CPSAT_MIN_BUDGET_S = 0.5         # a scaled budget below this packs by LPT alone (CP-SAT's model costs ~0.1 s)
 THOROUGH_BOUND_S = 1.0           # budget (s) below which the bound skips its costliest LP (still valid)
+LP_BOUND_S = 0.25                # ... and below which every LP of a mixed cluster (`simulate` reports the full bound)
 
 
 # (banded, slots) of each candidate's build: what a refined assignment is rebuilt with

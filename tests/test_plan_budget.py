@@ -150,3 +150,18 @@ def test_no_arguments_runs_the_main_job(monkeypatch):
     monkeypatch.setattr(cli, "build_parser", lambda: parser)
     assert main([]) == 0 and main(["--policy", "hybrid"]) == 0
     assert seen == ["compare", "simulate"]
+
+
+def test_a_short_budget_reports_a_cheaper_valid_bound():
+    """Below 0.25 s of budget the plan's bound skips the mixed-cluster LPs: never above the full
+    bound (both valid), and the plan says which it reports."""
+    from hybrid_ray.planner.bounds import lower_bound
+
+    cl, reqs = load_inputs("hetero", "gsm8k", limit=300, seed=2)
+    full = lower_bound(cl, reqs).value_s
+    no_two = lower_bound(cl, reqs, thorough=False).value_s
+    no_lp = lower_bound(cl, reqs, lp=False).value_s
+    assert 0 < no_lp <= no_two <= full
+    short = make_plan(cl, reqs, plan_share=0.001)
+    assert short.info["bound"] == "without the mixed-cluster LPs" and short.lower_bound_s == pytest.approx(no_lp)
+    assert make_plan(cl, reqs).info["bound"] == "full"             # the library's unbounded planner
