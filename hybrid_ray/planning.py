@@ -88,9 +88,9 @@ def make_plan(cluster: ClusterSpec, requests: list[Request], predicted_output: n
             method_used = "lpt"       # CP-SAT and the other heuristics' fixed cost would exceed the budget
         budget.iterations = allowance_s * SIM_ITERATIONS_PER_S
         det_budget = max(MIN_PACK_DETERMINISTIC, PACK_SHARE * allowance_s)
-        info_share = {"plan_share": plan_share, "budget_s": allowance_s}
+        plan_info = {"plan_share": plan_share, "budget_s": allowance_s}
     else:
-        info_share = {}
+        plan_info = {}
     # wall clock: the matrices count; the packing gets its share, the rest of the phases what it leaves
     pack_wall = PACK_SHARE * budget.wall_left()
     if plan_share is not None and len(requests) > SIMULATE_MAX:
@@ -108,9 +108,9 @@ def make_plan(cluster: ClusterSpec, requests: list[Request], predicted_output: n
     budget.enter("bound")
     left = budget.left_s()
     lb = lower_bound(cluster, batch, thorough=left >= THOROUGH_BOUND_S, lp=left >= LP_BOUND_S)
-    info_share["bound"] = ("full" if left >= THOROUGH_BOUND_S or len(cluster.groups) == 1 else
+    plan_info["bound"] = ("full" if left >= THOROUGH_BOUND_S or len(cluster.groups) == 1 else
                            "without the two-apart LP" if left >= LP_BOUND_S else "without the mixed-cluster LPs")
-    info = {"pack_makespan_s": float(res.makespan), "pack_solve_time_s": float(res.solve_time_s), **info_share,
+    info = {"pack_makespan_s": float(res.makespan), "pack_solve_time_s": float(res.solve_time_s), **plan_info,
             "chain_bound_s": lb.chain_s, "work_bound_s": lb.work_s, "steps_bound_s": lb.steps_s,
             "speeds": speed_of_group.tolist(), "latency_moves": repaired}
 
@@ -156,8 +156,8 @@ def make_plan(cluster: ClusterSpec, requests: list[Request], predicted_output: n
     if dispatch == "auto" and dispatch_default is not None:
         dispatch = dispatch_default
     budget.enter("candidates")
-    # each candidate as (name, how to build it); built and simulated cheapest first, the tiers last
-    # (their calibration costs CALIBRATIONS + 1 simulations); scores keep this canonical order
+    # each candidate as (name, how to build it), built and simulated in PRIORITY order while the budget
+    # lasts (the tiers last: their calibration costs CALIBRATIONS + 1 runs); scores keep this order
     makers: dict[str, Callable[[], Plan]] = {}
     if bands in ("auto", "off") and dispatch != "bounded":
         makers["pack"] = lambda: build(assign, False)
@@ -426,7 +426,7 @@ def choose_plan(cluster: ClusterSpec, batch: list[Request], makers: dict[str, Ca
     Why simulate: the candidates are cut with different cost estimates (work balance, length
     bands), neither of which sees the iteration-level interplay; the deterministic simulator
     does, with the very policy that will run the plan. Every run uses only the lengths the plan was
-    made with. Anytime: candidates are simulated cheapest first (the calibrated tiers, several
+    made with. Anytime: candidates are simulated in PRIORITY order (the calibrated tiers, several
     runs, last), then the rule settings of the best so far first, each while ``budget`` affords
     it; a candidate it cannot simulate is left out. Above ``SIMULATE_MAX`` requests, or where not
     even one run fits, the candidates' own estimates decide (late binding, which has none, is then
@@ -443,7 +443,7 @@ def choose_plan(cluster: ClusterSpec, batch: list[Request], makers: dict[str, Ca
     simulated = len(batch) <= SIMULATE_MAX
     if simulated:
         prior = 0.0
-        for name in names_cheapest_first(makers):
+        for name in names_in_priority(makers):
             # building a cut costs too (the tiers' bisection seconds on long batches): only one the
             # budget could then simulate (the tiers: all their calibration runs) is built
             runs = CALIBRATIONS + 1 if name == "tiers" else 1
@@ -496,7 +496,7 @@ def choose_plan(cluster: ClusterSpec, batch: list[Request], makers: dict[str, Ca
 PRIORITY = ("pack", "bands", "slots", "bands-slots", "bounded", "tiers")
 
 
-def names_cheapest_first(makers: dict) -> list[str]:
+def names_in_priority(makers: dict) -> list[str]:
     """The candidates in the order the budget is spent on them (PRIORITY)."""
     return sorted(makers, key=lambda n: PRIORITY.index(n) if n in PRIORITY else len(PRIORITY))
 
