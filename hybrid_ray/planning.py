@@ -196,7 +196,6 @@ def make_plan(cluster: ClusterSpec, requests: list[Request], predicted_output: n
     plan.info["budget"] = {"wall_s": None if math.isinf(budget.wall_s) else budget.wall_s,
                            "iterations": None if math.isinf(budget.iterations) else int(budget.iterations),
                            "simulated_iterations": budget.spent_iterations, "skipped": dict(budget.skipped)}
-    plan.info["plan_wall_s"] = plan.solve_time_s
     budget.enter("done")
     return plan
 

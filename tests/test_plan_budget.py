@@ -56,7 +56,7 @@ def test_scaled_budget_is_deterministic_and_leaves_work_out(local300):
     # never more than the allowance and one run beyond it (a run starts only when its estimate fits)
     one_run = max(r for r in [full.info.get("sim_iterations", 0), sb["simulated_iterations"]])
     assert sb["simulated_iterations"] <= allowance + one_run
-    assert small[0].info["plan_wall_s"] > 0 and small[0].info["plan_share"] == 0.002
+    assert small[0].solve_time_s > 0 and small[0].info["plan_share"] == 0.002
 
 
 def test_more_budget_never_plans_worse(local300):

@@ -212,10 +212,7 @@ class ControllerActor:
                 if not taken:
                     continue
                 if self.report_tag[i] < tags[i]:
-                    g = self.specs[i].group
-                    work = sum(sequence_work(g.cost_model, g.max_batch_size, g.kv_capacity_tokens,
-                                             s.req.prompt_tokens, s.predicted_output) for s in taken)
-                    self.deltas[i].append(_Delta(tags[i], -len(taken), -work))
+                    self._book(i, tags[i], taken, -1)
                 for s in taken:
                     origin[s.id] = i
                 seqs.extend(taken)
@@ -389,14 +386,19 @@ class ControllerActor:
     def _live_loads(self) -> list[LoadReport]:
         return [r for r in self._loads() if r.index not in self.dead]
 
+    def _book(self, i: int, tag: int, seqs: list[Sequence], sign: int) -> None:
+        """Count ``seqs`` onto (``sign`` +1) or off (-1) replica ``i``'s load until its report of
+        ``tag`` arrives: their number and their estimated work on its group."""
+        g = self.specs[i].group
+        work = sum(sequence_work(g.cost_model, g.max_batch_size, g.kv_capacity_tokens, s.req.prompt_tokens,
+                                 s.predicted_output) for s in seqs)
+        self.deltas[i].append(_Delta(tag, sign * len(seqs), sign * work))
+
     def _send(self, i: int, seqs: list[Sequence], at: float | None):
         """Book ``seqs`` on replica ``i`` and send them; they stay booked there if it fails (driver requeues)."""
         self.next_tag[i] += 1
         tag = self.next_tag[i]
-        g = self.specs[i].group
-        work = sum(sequence_work(g.cost_model, g.max_batch_size, g.kv_capacity_tokens, s.req.prompt_tokens,
-                                 s.predicted_output) for s in seqs)
-        self.deltas[i].append(_Delta(tag, len(seqs), work))
+        self._book(i, tag, seqs, +1)
         for s in seqs:
             self.where[s.id] = i
         self.msgs["add"] += 1
@@ -446,10 +448,7 @@ class ControllerActor:
             if not taken:
                 continue
             if self.report_tag[m.src] < tag:
-                g = self.specs[m.src].group
-                work = sum(sequence_work(g.cost_model, g.max_batch_size, g.kv_capacity_tokens, s.req.prompt_tokens,
-                                         s.predicted_output) for s in taken)
-                self.deltas[m.src].append(_Delta(tag, -len(taken), -work))
+                self._book(m.src, tag, taken, -1)
             self.stats.moves += len(taken)
             if m.dst in self.dead:       # died while we took the work back: the router places it
                 await self._route(taken, now)
