@@ -16,7 +16,7 @@ from .policies.chunked import ChunkedPrefill
 from .policies.controller import RebalanceController
 from .policies.fcfs import FCFSPrefillFirst
 from .policies.lagrangian import LagrangianPolicy
-from .policies.predict import make_predictor
+from .policies.predict import has_distribution, make_predictor
 from .policies.raydata import RAY_DATA_IN_FLIGHT_FACTOR, RayDataDispatcher
 from .policies.routing import EarliestFinishRouter, LeastLoadedRouter, PlanRouter, RoundRobinRouter
 from .policies.serve import SERVE_LLM_MAX_ONGOING_REQUESTS, ServeDispatcher
@@ -118,24 +118,26 @@ def initial_batch(requests: list[Request]) -> list[Request]:
 
 def plan_bands(policy: str, predictor) -> str:
     """The planner's ``bands`` option for ``policy``: length bands (planner/banded.py) are the
-    hybrid's, and only with known lengths: a band of requests predicted long that turn out short
-    leaves its replica idle, and with learned lengths the planner's simulation that chooses
-    between the candidates would run on the same wrong lengths."""
-    return "auto" if policy == "hybrid" and predictor.name == "oracle" else "off"
+    hybrid's, with known lengths or a fitted length distribution (``has_distribution``: the bands
+    are cut at its p90 and chosen on a draw from it, ``planning.make_plan``); not on a bare point
+    prediction, where a band of requests predicted long that turn out short leaves its replica idle
+    and the simulation that chooses would run on the same wrong lengths."""
+    return "auto" if policy == "hybrid" and (predictor.name == "oracle" or has_distribution(predictor)) else "off"
 
 
 def plan_dispatch(policy: str, predictor, cluster: ClusterSpec) -> str:
     """The planner's default ``dispatch`` for ``policy`` (the YAML's policy.hybrid.dispatch wins).
 
     Known lengths: ``auto``, the planner simulates plan routing and late binding and keeps the
-    faster. Learned lengths: no simulation can tell (it would run on the same wrong lengths), so a
-    rule. One group: late binding (Serve's bounded queues, fed longest predicted first), which
-    balances by completions and needs no lengths; several groups: the plan, which puts work where
+    faster. A fitted length distribution: ``auto`` too, on a draw from it, where a plan must beat
+    late binding by ``planning.ROBUST_MARGIN``. A point prediction alone (online at the start): no
+    simulation can tell (it would run on the same wrong lengths), so a rule. One group: late
+    binding (Serve's bounded queues, fed longest predicted first), which balances by completions and needs no lengths; several groups: the plan, which puts work where
     it is cheapest, where late binding would hand long requests to a slow replica that frees first
     (docs/scheduling.md section 7 has the measurements)."""
     if policy != "hybrid":
         return "plan"
-    if predictor.name == "oracle":
+    if predictor.name == "oracle" or has_distribution(predictor):
         return "auto"
     return "bounded" if len(cluster.groups) == 1 else "plan"
 

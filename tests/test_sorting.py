@@ -190,3 +190,23 @@ def test_reading_past_the_ordered_front_sorts_the_rest_once(monkeypatch):
     assert calls["front"] == 0 and r.unsorted_tail is None
     SortedQueue._sort(full)
     assert [s.id for s in r.waiting] == [s.id for s in full.waiting]
+
+
+def test_a_pending_start_up_program_reads_the_whole_queue():
+    """The start-up program admits its own sequences wherever they now wait (a controller move or a
+    re-sort can put others before them): its lookahead is the whole queue, so the partial order
+    never leaves one of them in the unsorted tail (paper_llama65b, mixed-tasks, oracle: the tiers'
+    calibration run failed there with "the queue's unsorted part changed")."""
+    runs = []
+    for min_partial in (1, 10**9):
+        r = _bench_like(5)
+        lag = LagrangianPolicy(horizon=4)
+        program = [s for s in r.waiting[-3:]]             # the shortest: last in the sorted queue
+        lag._program = [program]
+        q = SortedQueue(lag, min_partial=min_partial, max_share=1.0)
+        assert lag.lookahead(r) == len(r.waiting)
+        it = q.schedule(r)
+        runs.append(([(s.id, n) for s, n in it.prefill], [s.id for s in r.waiting]))
+        assert {s.id for s, _ in it.prefill} == {s.id for s in program}
+        r.take_back(4)                                    # reads the queue past its front: must not raise
+    assert runs[0] == runs[1]

@@ -91,6 +91,56 @@ def one_row(config: str, workload: str, policies=POLICIES, plan_opts: dict | Non
     return row
 
 
+MIXED_N, MIXED_SEED = 3000, 0          # `--workload mixed-tasks:3000:0`
+MIXED_HISTORY, MIXED_HISTORY_SEED = 600, 1   # `make-workload mixed-tasks --n 600 --seed 1` as --history
+MIXED_NOISE_SEED = 1
+
+
+def mixed_row(config: str, policies=POLICIES, plan_opts: dict | None = None) -> dict:
+    """The mixed-task batch (``mixed_tasks``) on ``config``: ``hybrid-ray simulate --workload
+    mixed-tasks --lengths learned --history pilot.jsonl --cost-noise 0.05 --seed 1`` per policy, the
+    pilot being 600 requests of another seed; every policy gets the same fitted predictor.
+    Also the hybrid with the oracle (what knowing the lengths is worth) and the bound."""
+    from ..history import HistoryRow
+    from ..config import load_cluster
+    from ..metrics import spearman
+    from ..workload import mixed_task_requests
+
+    cl = load_cluster(config)
+    reqs = mixed_task_requests(MIXED_N, MIXED_SEED)
+    hist = [HistoryRow(q.prompt_tokens, q.output_tokens, q) for q in mixed_task_requests(MIXED_HISTORY, MIXED_HISTORY_SEED)]
+    opts = PLAN_OPTS if plan_opts is None else plan_opts
+    noise = CostNoise(0.05, MIXED_NOISE_SEED)
+    row: dict = {"config": config, "requests": len(reqs), "bound": lower_bound(cl, reqs).value_s}
+    for p in policies:
+        sch = build_scheduler(p, cl, reqs, lengths="learned", history=hist, seed=MIXED_NOISE_SEED, **opts)
+        s = summarize(simulate(cl, sch, reqs, noise=noise))
+        row[p] = s.makespan_s
+        if p == "hybrid":
+            row["spearman_start"] = s.prediction_spearman_start
+            row["mae_start"] = s.prediction_mae_start
+            row["hybrid_plan"] = sch.info["plan"].info.get("chosen")
+    sch = build_scheduler("hybrid", cl, reqs, lengths="oracle", seed=MIXED_NOISE_SEED, **opts)
+    row["hybrid_oracle"] = summarize(simulate(cl, sch, reqs, noise=noise)).makespan_s
+    base = [p for p in policies if p != "hybrid"]
+    row["best_baseline"] = min(base, key=lambda p: row[p])
+    row["hybrid_vs_best_baseline"] = row["hybrid"] / row[row["best_baseline"]]
+    return row
+
+
+def mixed_table(data: list[dict], policies=POLICIES) -> str:
+    base = [p for p in policies if p != "hybrid"]
+    lines = ["| config | " + " | ".join("baseline (v0)" if p == "baseline" else p for p in base)
+             + " | best baseline | hybrid (plan kept) | hybrid / best | hybrid, oracle lengths | bound | "
+             "rank corr. at start |", "|---|" + "---:|" * (len(base) + 6)]
+    for r in data:
+        lines.append(f"| {r['config']} | " + " | ".join(f"{r[p]:.2f}" for p in base)
+                     + f" | {r['best_baseline']} | {r['hybrid']:.2f} ({r['hybrid_plan']}) | "
+                     f"{r['hybrid_vs_best_baseline']:.3f} | {r['hybrid_oracle']:.2f} | {r['bound']:.2f} | "
+                     f"{r['spearman_start']:.3f} |")
+    return "\n".join(lines)
+
+
 def rows(configs=CONFIGS, workloads=WORKLOADS, policies=POLICIES, plan_opts: dict | None = None,
          progress=None, conditions=tuple(c[0] for c in CONDITIONS)) -> list[dict]:
     out = []

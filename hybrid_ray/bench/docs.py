@@ -455,6 +455,12 @@ def baselines_table() -> str:
     return bl.table(_baselines())
 
 
+@table("mixed-tasks", "scheduling section 5: the mixed-task batch with a 600-request pilot history, learned "
+       "lengths and cost noise 0.05, every bundled GPU config")
+def mixed_tasks_table() -> str:
+    return bl.mixed_table([bl.mixed_row(c) for c in bl.CONFIGS])
+
+
 # -- docs/engines.md (real engines) ---------------------------------------------------------------------
 
 @table("fidelity", "engines: cost model fitted and calibrated on the tiny model vs real runs", timing=True,

@@ -49,7 +49,7 @@ def _place(slots: list[float], cap: int, finish: float) -> None:
 class _GroupTables:
     """What ``est`` adds up on one group, over requests sorted longest first."""
 
-    def __init__(self, g: ReplicaGroupSpec, p: np.ndarray, o: np.ndarray):
+    def __init__(self, g: ReplicaGroupSpec, p: np.ndarray, o: np.ndarray, span: np.ndarray | None = None):
         pc, dc = g.cost_model.prefill, g.cost_model.decode
         steps = np.maximum(o - 1, 0)
         ctx = steps * p + steps * (steps + 1) / 2.0
@@ -60,7 +60,7 @@ class _GroupTables:
                        + pc.per_token_s * p + pc.per_token_sq_s * p * p + pc.base_s / self.slots)
         self.lin_y = _prefix(per_request)
         self.kvsteps = _prefix(o * p + o * (o - 1) / 2.0)
-        self.o = o.tolist()
+        self.o = (o if span is None else span).tolist()       # the iterations a request holds a slot
 
     def _cost(self, lo: int, hi: int, iterations: float) -> float:
         kv_bound = (self.kvsteps[hi] - self.kvsteps[lo]) / self.kv
@@ -107,16 +107,22 @@ class _GroupTables:
         return self._cost(lo, hi, span)
 
 
-def banded_assignment(cluster: ClusterSpec, prompt: np.ndarray, output: np.ndarray
-                      ) -> tuple[np.ndarray, float]:
-    """Replica index per request (cluster.replicas() order) and the estimated makespan."""
+def banded_assignment(cluster: ClusterSpec, prompt: np.ndarray, output: np.ndarray,
+                      span: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """Replica index per request (cluster.replicas() order) and the estimated makespan.
+
+    ``span``: the output lengths that set a replica's iterations (its longest request's, list
+    scheduling on its slots), where they differ from the expected lengths ``output`` that set its
+    work: with predicted lengths an upper quantile, since a band's iterations are its longest
+    request's, and among requests predicted alike the long one is there whichever it is."""
     n = len(prompt)
     replicas = cluster.replicas()
     if n == 0:
         return np.zeros(0, dtype=np.int64), 0.0
-    order = np.lexsort((-prompt, -output))              # longest output first
-    p, o = prompt[order].astype(np.float64), output[order].astype(np.float64)
-    tables = {g.name: _GroupTables(g, p, o) for g in cluster.groups}
+    span = output if span is None else np.asarray(span, dtype=np.float64)
+    order = np.lexsort((-prompt, -output, -span))       # longest output first
+    p, o, sp = prompt[order].astype(np.float64), output[order].astype(np.float64), span[order]
+    tables = {g.name: _GroupTables(g, p, o, sp) for g in cluster.groups}
     # cheapest iteration first: the longest bands go where a step costs least
     rep_order = sorted(range(len(replicas)), key=lambda k: (replicas[k].group.cost_model.decode.base_s, k))
 
@@ -151,15 +157,18 @@ def banded_assignment(cluster: ClusterSpec, prompt: np.ndarray, output: np.ndarr
     return assign, hi_t
 
 
-def estimated_finish(cluster: ClusterSpec, prompt: np.ndarray, output: np.ndarray, assign: np.ndarray) -> np.ndarray:
+def estimated_finish(cluster: ClusterSpec, prompt: np.ndarray, output: np.ndarray, assign: np.ndarray,
+                     span: np.ndarray | None = None) -> np.ndarray:
     """``est`` of each replica under any assignment (the model the bands are cut with)."""
     replicas = cluster.replicas()
     out = np.zeros(len(replicas))
+    span = output if span is None else np.asarray(span, dtype=np.float64)
     for k, r in enumerate(replicas):
         idx = np.flatnonzero(assign == k)
         if len(idx) == 0:
             continue
-        idx = idx[np.lexsort((-prompt[idx], -output[idx]))]
-        t = _GroupTables(r.group, prompt[idx].astype(np.float64), output[idx].astype(np.float64))
+        idx = idx[np.lexsort((-prompt[idx], -output[idx], -span[idx]))]
+        t = _GroupTables(r.group, prompt[idx].astype(np.float64), output[idx].astype(np.float64),
+                         span[idx].astype(np.float64))
         out[k] = t.est(0, len(idx))
     return out

@@ -91,6 +91,27 @@ class OraclePredictor:
         return self
 
 
+class PlannedLengths:
+    """The lengths a plan was made with, by request id: what the policies see in the planner's
+    simulated runs when those runs draw the true lengths from the predictor's distribution
+    (``planning.make_plan``'s ``scenario_output``), as the real run's policies see predictions."""
+
+    name = "planned"
+    version = 0
+
+    def __init__(self, lengths: dict[str, int]):
+        self.lengths = lengths
+
+    def predict(self, req: Request) -> int:
+        return self.lengths[req.id]
+
+    def observe(self, req: Request, true_len: int) -> None:
+        """Fixed: the plan's lengths do not move."""
+
+    def snapshot(self) -> "PlannedLengths":
+        return self
+
+
 @dataclass(slots=True)
 class Scheduler:
     """Everything one named policy needs: routing, per-replica iteration policy, controller."""

@@ -199,6 +199,10 @@ class LagrangianPolicy:
             return 0
         if not r.running:
             return slots
+        if self._program:
+            # the start-up program admits its own sequences wherever they now wait (sequences moved
+            # here or re-sorted since can stand before them): it reads the whole queue
+            return len(r.waiting)
         finishing = self._finishing(r)
         self._finishing_memo = (r, finishing)
         return slots + sum(finishing)

@@ -60,6 +60,36 @@ def predict_quantiles(predictor, req: Request) -> tuple[int, ...]:
     return (p, p)
 
 
+Z90 = 1.2815515655446004    # the standard normal's 0.9 quantile
+MIN_LOG_SPREAD = 0.25        # a non-oracle prediction's log-length spread where its quantiles show none
+
+
+def has_distribution(predictor) -> bool:
+    """Whether the predictor gives a fitted distribution (``learned`` once it has fitted a model):
+    only then can a draw from it stand for the truth (``scenario_lengths``). A prior alone (online
+    at the start) knows neither the lengths' scale nor their spread."""
+    return getattr(predictor, "quantiles", None) is not None and getattr(predictor, "model", None) is not None
+
+
+def scenario_lengths(predictor, requests: list[Request], seed: int = 0) -> np.ndarray | None:
+    """One seeded draw of the requests' output lengths from the predictor's distribution: lognormal
+    through its p50 and p90 (a spread of at least MIN_LOG_SPREAD: a single number is not a
+    certainty), capped at each request's ``max_tokens``. None for the oracle (its lengths are the
+    truth). What the planner's simulated runs serve, so that a cut that bets on the medians pays for
+    the long tail the way the real run will (``planning.make_plan``)."""
+    if predictor.name == "oracle":
+        return None
+    from .learned import max_tokens_of          # the predictor's feature module, imported on use
+
+    qs = np.array([predict_quantiles(predictor, q)[:2] for q in requests], dtype=np.float64).reshape(-1, 2)
+    med = np.maximum(qs[:, 0], 1.0)
+    spread = np.maximum(np.log(np.maximum(qs[:, 1], med) / med) / Z90, MIN_LOG_SPREAD)
+    z = np.random.default_rng(seed).standard_normal(len(requests))
+    draw = med * np.exp(spread * z)
+    cap = np.array([max_tokens_of(q) or np.inf for q in requests], dtype=np.float64)
+    return np.maximum(1.0, np.minimum(np.rint(draw), cap))
+
+
 class QuantilePredictor:
     name = "quantile"
     version = 0                                  # fitted once: predictions never move
