@@ -83,8 +83,10 @@ class _WorkloadAction(argparse.Action):
 
 WORKLOAD_HELP = ("gsm8k (1,319 GSM8K questions, all at t=0), azure-conv / azure-code (Azure 2023 "
                  "traces with real arrival times), mixed-tasks[:N[:SEED]] (generated text prompts of five "
-                 "tasks, 3,000 by default), or a .jsonl/.csv file with prompt_tokens, "
-                 "output_tokens[, id, arrival_s, prompt or messages, max_tokens, model]")
+                 "tasks, 3,000 by default), doc-qa[:N[:SEED]] / few-shot[:N[:SEED]] (generated prompts "
+                 "sharing documents / few-shot prefixes, as hash_ids: prefix caching), or a .jsonl/.csv "
+                 "file with prompt_tokens, output_tokens[, id, arrival_s, prompt or messages, max_tokens, "
+                 "model, hash_ids]")
 
 
 def _add_inputs(p: argparse.ArgumentParser) -> None:

@@ -15,6 +15,8 @@ Schema (see ``cluster_configs/*.yaml`` for commented examples)::
         max_batch_size: int >= 1
         kv_capacity_tokens: int >= 1
         max_batched_tokens: int >= 1            optional, default 8192
+        prefix_caching: bool                    optional, default true (vLLM v1's default; prefix_cache.py)
+        block_size: int >= 1                    optional, default 16 (vLLM's KV block, in tokens)
         resources: {str: number in [0.0001, 1e9]}   optional, default {CPU: 1} (Ray's unit: 0.0001)
         cost_model:
           prefill: {floor_s, base_s, per_token_s, per_token_sq_s (optional)}   all >= 0
@@ -53,6 +55,8 @@ class ReplicaGroupSpec:
     cost_model: CostModel
     max_batched_tokens: int = 8192   # token budget of one prefill iteration (vLLM max_num_batched_tokens)
     resources: dict = field(default_factory=lambda: {"CPU": 1})   # Ray resources per replica actor
+    prefix_caching: bool = True      # the engine reuses cached prompt prefixes (vLLM v1's default)
+    block_size: int = 16             # KV block in tokens: only full blocks are cached (vLLM's default)
 
     def to_dict(self) -> dict:
         """Plain, YAML-dumpable form that ``parse_cluster`` reads back unchanged."""
@@ -63,6 +67,8 @@ class ReplicaGroupSpec:
             "kv_capacity_tokens": self.kv_capacity_tokens,
             "max_batched_tokens": self.max_batched_tokens,
             "resources": dict(self.resources),
+            "prefix_caching": self.prefix_caching,
+            "block_size": self.block_size,
             "cost_model": self.cost_model.to_dict(),
         }
 
@@ -303,6 +309,12 @@ def _as_int(value: object, path: str, minimum: int = 1) -> int:
     return value
 
 
+def _as_bool(value: object, path: str) -> bool:
+    if not isinstance(value, bool):
+        _expected(path, "true or false", value)
+    return value
+
+
 def _finite_number(value: object) -> bool:
     """An int or float (not a bool) that is finite as a float (a 400-digit int is not)."""
     if not isinstance(value, (int, float)) or isinstance(value, bool):
@@ -395,7 +407,7 @@ def _req_mapping(m: Mapping, key: str, path: str, allowed: Iterable[str] | None 
 _TOP_KEYS = ("name", "time_scale", "groups", "policy", "engine")
 _ENGINE_KEYS = ("kind", "model", "device")
 _GROUP_KEYS = ("name", "count", "max_batch_size", "kv_capacity_tokens", "max_batched_tokens",
-               "resources", "cost_model")
+               "resources", "cost_model", "prefix_caching", "block_size")
 _COST_KEYS = ("prefill", "decode")
 _PREFILL_KEYS = ("floor_s", "base_s", "per_token_s", "per_token_sq_s")
 _DECODE_KEYS = ("base_s", "per_seq_s", "per_ctx_token_s")
@@ -443,6 +455,8 @@ def _parse_group(value: object, path: str) -> ReplicaGroupSpec:
         max_batched_tokens=_opt_int(g, "max_batched_tokens", path, 8192),
         resources=_get(g, "resources", path, _parse_resources, default={"CPU": 1}),
         cost_model=_get(g, "cost_model", path, _parse_cost_model),
+        prefix_caching=_get(g, "prefix_caching", path, _as_bool, default=True),
+        block_size=_opt_int(g, "block_size", path, 16),
     )
 
 

@@ -17,6 +17,10 @@ Prediction error: each request's output-length prediction when it was first sche
 absolute error and Spearman's rank correlation (what sorting and packing depend on); and the same
 for the prediction it started with (``predicted_output`` at the finish: an online predictor
 re-predicts queued work, so for a batch all present at t=0 this is where its learning shows).
+
+Prefix caching: ``cached_prompt_tokens`` sums the prompt tokens each finished request found in its
+replica's prefix cache when first admitted (``Sequence.cached_tokens``, vLLM's
+``prompt_tokens_details.cached_tokens``); ``prefix_hit_rate`` is that over all their prompt tokens.
 """
 from __future__ import annotations
 
@@ -58,6 +62,8 @@ class Summary:
     prediction_spearman: float | None = None   # rank correlation of first predictions and true outputs
     prediction_mae_start: float | None = None  # the same for the prediction each request started with
     prediction_spearman_start: float | None = None
+    cached_prompt_tokens: int = 0              # prompt tokens served from the prefix cache (first admission)
+    prefix_hit_rate: float = 0.0               # cached_prompt_tokens / prompt tokens of the finished requests
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -121,6 +127,8 @@ def summarize(rec: RunRecord, lower_bound_s: float | None = None) -> Summary:
         gap = makespan / lower_bound_s - 1.0
     mae, rho = prediction_error(done)
     mae_start, rho_start = prediction_error(done, at_start=True)
+    cached = sum(s.cached_tokens for s in done)
+    prompt = sum(s.req.prompt_tokens for s in done)
     return Summary(
         policy=rec.policy, config=rec.config, requests_total=len(seqs), requests_completed=len(done),
         makespan_s=makespan,
@@ -136,6 +144,7 @@ def summarize(rec: RunRecord, lower_bound_s: float | None = None) -> Summary:
         lower_bound_s=lower_bound_s, gap=gap, length_predictor=str(rec.extra.get("predictor", "")),
         prediction_mae=mae, prediction_spearman=rho, prediction_mae_start=mae_start,
         prediction_spearman_start=rho_start,
+        cached_prompt_tokens=cached, prefix_hit_rate=cached / prompt if prompt else 0.0,
     )
 
 
@@ -157,6 +166,9 @@ def format_summary(s: Summary) -> str:
         ("E2E p50 / p90 / p99", f"{s.e2e_p50_s:.2f} / {s.e2e_p90_s:.2f} / {s.e2e_p99_s:.2f} s"),
         ("iterations / preemptions / moves", f"{s.iterations} / {s.preemptions} / {s.moves}"),
     ]
+    if s.cached_prompt_tokens:
+        rows.append(("prefix cache hits", f"{s.cached_prompt_tokens:,} prompt tokens "
+                                          f"({100 * s.prefix_hit_rate:.1f} % of the prompt tokens)"))
     if s.prediction_mae is not None:
         def rho(x):
             return f"{x:.3f}" if x is not None else "-"

@@ -111,13 +111,14 @@ def run_replica(engine, cluster, requests, policy: str = "baseline"):
     The simulator's loop with the engine's measured durations in place of the cost model: what
     a ``ReplicaActor`` does for its replica, minus the actor. For fidelity checks and tests.
     """
-    from .engines.base import whole_seeded_prefill
+    from .engines.base import engine_prefix_caching, whole_seeded_prefill
     from .planning import build_scheduler
     from .replica import ReplicaState
 
     sch = build_scheduler(policy, cluster, requests)
     state = ReplicaState(cluster.replicas()[0])
     whole_seeded_prefill(engine, state)
+    engine_prefix_caching(engine, state)
     pol = sch.policy_factory(state)
     state.add([sch.make_sequence(q) for q in requests])
     drive_replica(engine, state, pol)

@@ -20,6 +20,20 @@ Semantics (vLLM-like):
   decode step costs O(finished * log B), not O(B): the simulator must run 100k requests fast.
   The running sequences' *predicted* finish steps are counted the same way (``finishing``), so
   the Lagrangian rule reads its per-step counts in O(horizon) before every iteration, not O(B).
+* Prefix caching (vLLM v1's default; a group's ``prefix_caching``): a request with ``hash_ids``
+  shares its prompt's full ``block_size`` blocks with the other prompts that agree up to them
+  (``prefix_cache.py``). On admission its leading cached blocks are hits: its prefill starts after
+  them, at most at the last full block before its last token (vLLM's ``get_computed_blocks``: the
+  last token is always computed), and its chunks are priced as continuations of that prefix.
+  Policies see the hits through ``prefill_rest`` / ``prefill_chunk``. A block is cached when a
+  chunk that fills it is scheduled (vLLM caches a block as it allocates it), so a chunk later in
+  the same iteration may hit it: ``begin`` then shortens that chunk. A cached block is referenced
+  while its sequences hold it, and the KV it occupies counts once. When they leave (finish,
+  preemption) it stays cached but *evictable*: ``kv_free`` counts it as free, as vLLM does, and
+  the least recently freed are evicted when the KV needs the room (``_make_room``). A hit on an
+  evictable block takes it back out of the free KV (``admit_kv``). Only prompt blocks are cached
+  (vLLM also caches full output blocks, which only a recompute of the same sequence could hit).
+  Without ``hash_ids`` nothing of this runs: every number is the same.
 """
 from __future__ import annotations
 
@@ -32,6 +46,7 @@ from .config import ReplicaSpec
 from .costmodel import CostModel
 from .payload import Completion
 from .planner.estimate import sequence_work
+from .prefix_cache import PrefixCache, block_keys
 from .workload import Request
 
 WAITING, PREFILLING, RUNNING, FINISHED = 0, 1, 2, 3
@@ -65,6 +80,14 @@ class Sequence:
     completion: Completion | None = None   # a real engine's output, once finished
     predicted_first: int = -1   # the prediction when first scheduled (metrics: prediction error)
     predicted_end: int = 0      # while running: the decode step it is predicted to finish at
+    # prefix caching (ReplicaState._keys): its cacheable prompt blocks' keys at its replica's block
+    # size (``keys_bs``; None: nothing to share), how many leading ones it references while admitted,
+    # the prompt tokens its first admission found cached, and a memo of its hits (``_hits``)
+    keys: tuple[int, ...] | None = None
+    keys_bs: int = 0
+    held: int = 0
+    cached_tokens: int = 0
+    hit_memo: tuple = ()
 
     @property
     def id(self) -> str:
@@ -177,6 +200,12 @@ class ReplicaState:
         self.kv_capacity = g.kv_capacity_tokens
         self.max_batched_tokens = g.max_batched_tokens
         self.cost = g.cost_model
+        # the engine's prefix cache (None: off, in the group or on an engine without one:
+        # engines.base.engine_prefix_caching); ``_shared``: tokens that several admitted sequences
+        # hold in one cached block, counted once in kv_used (sum of their footprints - kv_used)
+        self.block_size = g.block_size
+        self.prefix: PrefixCache | None = PrefixCache(None, g.block_size) if g.prefix_caching else None
+        self._shared = 0
         # the engine cannot split a seeded sequence's prefill (its sampling generator cannot rewind:
         # vLLM on CPU); set by whoever pairs this state with an engine (engines.whole_seeded_prefill)
         self.whole_seeded = False
@@ -242,13 +271,30 @@ class ReplicaState:
         cannot split a seeded prefill (``whole_seeded``)."""
         return self.whole_seeded and s.seeded
 
+    def prefill_rest(self, s: Sequence) -> int:
+        """Tokens ``s``'s (re)prefill still has to compute: ``prefill_target - prefilled``, less the
+        cache hits a waiting sequence would get if admitted now (``_hits``)."""
+        rest = s.prefill_target - s.prefilled
+        if s.keys is None or s.status != WAITING:
+            return rest
+        return rest - self._hits(s)[0] * self.block_size
+
+    def admit_kv(self, s: Sequence) -> int:
+        """KV tokens admitting waiting ``s`` takes beyond the tokens it computes: its hits on evictable
+        cached blocks, which ``kv_free`` counts as free (0 when it is admitted, or hits nothing free).
+        A policy that admits ``s`` with a chunk of ``n`` needs ``n + admit_kv(s)`` free (+ 1 if the
+        chunk completes its prompt)."""
+        if s.keys is None or s.status != WAITING:
+            return 0
+        return self._hits(s)[1] * self.block_size
+
     def prefill_chunk(self, s: Sequence, limit: int) -> int:
         """Tokens of ``s``'s next prefill chunk under a cap of ``limit``: everything it has left if that
         fits, else ``limit``, or 0 when ``s`` must be prefilled whole (``prefill_whole``) and does not
         fit. Every policy chunks prompts through this, so no policy splits what the engine cannot.
         A whole prompt longer than any chunk goes first in a prefill-only iteration, which ``begin``
         lets exceed the token budget (``fcfs.admit_in_order``)."""
-        rest = s.prefill_target - s.prefilled
+        rest = self.prefill_rest(s)
         if rest <= limit:
             return rest
         if limit <= 0 or self.prefill_whole(s):
@@ -292,6 +338,8 @@ class ReplicaState:
         for s in seqs:
             s.replica = self.name
             s.status = WAITING
+            if s.req.hash_ids is not None:
+                self._keys(s)
             s.work_s = self.estimate(s.req.prompt_tokens, s.predicted_output)
             self._queued(s)
         self.waiting.extend(seqs)
@@ -327,13 +375,16 @@ class ReplicaState:
         out = list(self.running.values()) + list(self.prefilling.values()) + queued
         for s in out:
             s.generated = 0 if s.req.payload is not None else self.generated(s)
-            s.status, s.prefilled = WAITING, 0
+            s.status, s.prefilled, s.held = WAITING, 0, 0
             s.epoch += 1
             s.replica = ""                    # gone from here (a start-up program must not admit it)
         self.running.clear(), self.prefilling.clear(), self._heap.clear()
         self._due.clear(), self._due_steps.clear()
         self._overdue = 0
         self.waiting, self.kv_used, self.current = [], 0, None
+        self._shared = 0
+        if self.prefix is not None:
+            self.prefix.clear()                   # the engine's cache went with it
         self._fresh_n, self._fresh_work, self._fresh_tokens = 0, 0.0, 0
         self._resumed.clear()
         if keep:
@@ -390,16 +441,20 @@ class ReplicaState:
             if s.status in (RUNNING, PREFILLING) and self._holder(s) is not s:
                 raise SchedulingError(f"{self.name}: cannot preempt {s.id} ({STATUS_NAMES[s.status]} elsewhere)")
             self._preempt(s)
+        start = self._start
         chunk_tokens = sum(n for _, n in it.prefill)
-        completing = sum(1 for s, n in it.prefill if s.prefilled + n >= s.prefill_target)
+        completing = sum(1 for s, n in it.prefill if start(s) + n >= s.prefill_target)
         if it.decode:
-            while self.running and self.kv_used + len(self.running) + chunk_tokens + completing > self.kv_capacity:
+            extra = self._admit_extra(it.prefill)
+            while self.running and (self.kv_used + len(self.running) + chunk_tokens + completing + extra
+                                    > self.kv_capacity):
                 victim = self._newest_admitted()
                 self._preempt(victim)
                 if victim.status == WAITING and any(v is victim for v, _ in it.prefill):
                     it.prefill = [(v, n) for v, n in it.prefill if v is not victim]
                 chunk_tokens = sum(n for _, n in it.prefill)
-                completing = sum(1 for s, n in it.prefill if s.prefilled + n >= s.prefill_target)
+                completing = sum(1 for s, n in it.prefill if start(s) + n >= s.prefill_target)
+                extra = self._admit_extra(it.prefill)
             if not self.running:
                 it.decode = False
                 it.kind = PREFILL
@@ -407,10 +462,18 @@ class ReplicaState:
                 it.kind = DECODE              # its chunks' sequences were preempted: priced as what runs
         if not it.prefill and not it.decode:
             return None                       # preemption emptied it: the caller asks the policy again
-        running_ctx = self.kv_used - sum(s.prefilled for s in self.prefilling.values())
+        running_ctx = self.kv_used + self._shared - sum(s.prefilled for s in self.prefilling.values())
         tokens = attn = recompute = 0
         admitted: list[Sequence] = []
-        for s, n in it.prefill:
+        budget = max(self.max_batched_tokens, it.prefill[0][1] if it.prefill else 0)
+        # where each chunk starts as the policy saw it (a waiting sequence: after its cache hits); the
+        # blocks that chunks ahead of it in this iteration compute are cached as they are scheduled
+        # (vLLM caches a block when it allocates it), which can only add hits and shorten the chunk
+        seen = [start(s) for s, _ in it.prefill] if self.prefix is not None and \
+            any(s.keys is not None for s, _ in it.prefill) else None
+        completing = 0
+        for i, (s, n) in enumerate(it.prefill):
+            base = s.prefilled if seen is None else seen[i]   # a continuation costs its prefix
             if s.status == WAITING:
                 if s.replica != self.name:
                     raise SchedulingError(f"{self.name}: {s.id} waits on {s.replica or 'no replica'}, not here")
@@ -418,12 +481,24 @@ class ReplicaState:
             elif s.status != PREFILLING or self.prefilling.get(s.id) is not s:
                 raise SchedulingError(f"{self.name}: {s.id} is {STATUS_NAMES[s.status]}"
                                       f"{'' if s.status != PREFILLING else ' elsewhere'}, cannot prefill")
-            if n <= 0 or s.prefilled + n > s.prefill_target:
-                raise SchedulingError(f"{self.name}: bad chunk {n} for {s.id} ({s.prefilled}/{s.prefill_target})")
-            if n != s.prefill_target and self.prefill_whole(s):
-                raise SchedulingError(f"{self.name}: chunk {n} of {s.id}'s {s.prefill_target}-token prefill: a "
-                                      f"seeded sequence is prefilled whole on this engine (prefill_chunk)")
-            attn += n * (2 * s.prefilled + n)   # chunks telescope: sum = L^2 of the whole prompt
+            if n <= 0 or base + n > s.prefill_target:
+                raise SchedulingError(f"{self.name}: bad chunk {n} for {s.id} ({base}/{s.prefill_target})")
+            if s.keys is not None:
+                if s.status == WAITING:
+                    hit = self._acquire(s)
+                    if hit < base:                        # nothing is evicted before _make_room
+                        raise SchedulingError(f"{self.name}: {s.id}'s cache hit shrank to {hit} < {base}")
+                    base = hit
+                    if base + n > s.prefill_target:
+                        n = s.prefill_target - base       # hits on blocks cached by this iteration's chunks
+                        it.prefill[i] = (s, n)
+                self._register(s, base + n)
+            if base + n >= s.prefill_target:
+                completing += 1
+            if base + n != s.prefill_target and self.prefill_whole(s):
+                raise SchedulingError(f"{self.name}: chunk {n} of {s.id}'s {s.prefill_target - base}-token prefill: "
+                                      f"a seeded sequence is prefilled whole on this engine (prefill_chunk)")
+            attn += n * (2 * base + n)   # chunks telescope: sum = L^2 of the whole prompt
             tokens += n
             if s.generated:
                 recompute += n                # prompt + generated again, after a preemption
@@ -442,7 +517,6 @@ class ReplicaState:
         growth = len(self.running) if it.decode else 0
         if self.kv_used + growth + completing > self.kv_capacity:
             raise SchedulingError(f"{self.name}: KV {self.kv_used + growth + completing} > {self.kv_capacity}")
-        budget = max(self.max_batched_tokens, it.prefill[0][1] if it.prefill else 0)
         if tokens + growth > budget and it.kind != DECODE:
             raise SchedulingError(f"{self.name}: {tokens + growth} tokens > budget {budget}")
         it.tokens, it.attn_sq, it.recompute_tokens = tokens, attn, recompute
@@ -451,6 +525,8 @@ class ReplicaState:
         it.resident = len(self.running) + len(self.prefilling)
         it.outputs = it.batch + completing
         self.current = it
+        if self.prefix is not None and self.prefix.free_blocks:
+            self._make_room()
         return it
 
     def _check_contents(self, it: Iteration) -> None:
@@ -523,6 +599,8 @@ class ReplicaState:
                                             it.resident, it.attn_sq, it.ctx_tokens, it.recompute_tokens,
                                             it.outputs))
         self.current = None
+        if self.prefix is not None and self.prefix.free_blocks:
+            self._make_room()
         return done
 
     def settle(self, completions: dict[str, Completion], done: list[Sequence], now: float) -> list[Sequence]:
@@ -654,7 +732,7 @@ class ReplicaState:
         return newest
 
     def _finish(self, s: Sequence, now: float) -> None:
-        self.kv_used -= s.req.prompt_tokens + s.generated
+        self._free_kv(s, s.req.prompt_tokens + s.generated)
         s.status, s.finish_s = FINISHED, now
         self.finished.append(s)
 
@@ -663,10 +741,10 @@ class ReplicaState:
         if s.status == RUNNING:
             s.generated = self.generated(s)
             self._unrun(s)
-            self.kv_used -= s.req.prompt_tokens + s.generated
+            self._free_kv(s, s.req.prompt_tokens + s.generated)
         elif s.status == PREFILLING:
             del self.prefilling[s.id]
-            self.kv_used -= s.prefilled
+            self._free_kv(s, s.prefilled)
         else:
             raise SchedulingError(f"{self.name}: cannot preempt {s.id} ({STATUS_NAMES[s.status]})")
         s.status, s.prefilled = WAITING, 0
@@ -677,3 +755,93 @@ class ReplicaState:
         self._queued(s)
         self.waiting.insert(0, s)
         self.waiting_dirty = True
+
+    # -- prefix cache -------------------------------------------------------------------------
+    def _keys(self, s: Sequence) -> None:
+        """Cut ``s``'s cache keys at this replica's block size (once per block size: a moved sequence
+        keeps them); none where this replica caches nothing."""
+        bs = self.block_size if self.prefix is not None else 0
+        if s.keys_bs != bs:
+            s.keys = (block_keys(s.req.hash_ids, s.req.prompt_tokens, bs) or None) if bs else None
+            s.keys_bs = bs
+        s.hit_memo = ()
+
+    def _hits(self, s: Sequence) -> tuple[int, int]:
+        """(leading blocks of ``s`` cached now, how many of those are free), at most the full blocks
+        before its last token: vLLM computes that token (and so its whole block) even on a full hit.
+        Memoized until the cache changes: policies ask before every iteration."""
+        pc = self.prefix
+        if pc is None:
+            return 0, 0
+        limit = (s.prefill_target - 1) // self.block_size
+        m = s.hit_memo
+        if m and m[0] == pc.version and m[1] == limit:
+            return m[2], m[3]
+        h = pc.match(s.keys, limit)
+        f = pc.free_hits(s.keys, h) if h else 0
+        s.hit_memo = (pc.version, limit, h, f)
+        return h, f
+
+    def _start(self, s: Sequence) -> int:
+        """Tokens of ``s``'s prefill computed before its next chunk (a waiting one: its cache hits)."""
+        if s.keys is None or s.status != WAITING:
+            return s.prefilled
+        return self._hits(s)[0] * self.block_size
+
+    def _admit_extra(self, prefill: list[tuple[Sequence, int]]) -> int:
+        """KV the iteration's admissions take out of the evictable cache: their distinct free hits."""
+        pc = self.prefix
+        if pc is None or not pc.free_blocks:
+            return 0
+        seen: set[int] = set()
+        for s, _ in prefill:
+            if s.keys is not None and s.status == WAITING:
+                h, f = self._hits(s)
+                if f:
+                    seen.update(k for k in s.keys[:h] if not pc.refcount(k))
+        return len(seen) * self.block_size
+
+    def _acquire(self, s: Sequence) -> int:
+        """Admit waiting ``s`` after its cached blocks now: it references them, its prefill starts after
+        them, and those that were free count in kv_used again; returns where its prefill starts. Its
+        first admission records the hit (vLLM's ``num_cached_tokens``)."""
+        bs = self.block_size
+        h = self._hits(s)[0]
+        if not s.admit_order:
+            s.cached_tokens = h * bs
+        if h:
+            was_free = self.prefix.acquire(s.keys, h)
+            s.held = h
+            s.prefilled = h * bs
+            self.kv_used += was_free * bs
+            self._shared += (h - was_free) * bs
+        return h * bs
+
+    def _register(self, s: Sequence, upto: int) -> None:
+        """Cache ``s``'s full prompt blocks up to token ``upto`` (its chunk's end), in order, until one is
+        cached already (a copy computed alongside stays private, as a duplicate block does in vLLM).
+        At scheduling, as vLLM does: a chunk later in the same iteration may hit them."""
+        n = min(upto // self.block_size, len(s.keys))
+        if n > s.held:
+            s.held += self.prefix.insert_run(s.keys, s.held, n)
+
+    def _free_kv(self, s: Sequence, footprint: int) -> None:
+        """``s`` (holding ``footprint`` tokens) leaves: its own tokens are freed, its cached blocks
+        released (those nobody else holds become evictable)."""
+        h = s.held
+        if not h:
+            self.kv_used -= footprint
+            return
+        s.held = 0
+        freed = self.prefix.release(s.keys, h)
+        bs = self.block_size
+        self.kv_used -= footprint - (h - freed) * bs
+        self._shared -= (h - freed) * bs
+
+    def _make_room(self) -> None:
+        """Keep the KV in use plus the evictable cached blocks within capacity: evict the least
+        recently freed blocks (vLLM takes a block's memory back only when it needs it)."""
+        pc = self.prefix
+        over = self.kv_used + pc.free_blocks * self.block_size - self.kv_capacity
+        if over > 0:
+            pc.evict(-(-over // self.block_size))

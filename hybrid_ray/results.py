@@ -26,6 +26,7 @@ from .errors import HybridRayError
 FIELDS = ("id", "replica", "arrival_s", "first_token_s", "finish_s", "prompt_tokens", "output_tokens",
           "preemptions")
 OPTIONAL_FIELDS = ("text", "finish_reason")    # a real engine's output; absent from the JSON when None
+COUNT_FIELDS = ("cached_tokens",)              # prefix-cache hits; absent from the JSON when 0
 SERVER_ERROR = "server_error"   # error code of a request the engine failed on (twice: actors/driver.py)
 
 
@@ -47,6 +48,7 @@ class CompletionRecord:
     preemptions: int = 0
     text: str | None = None             # generated text (a real engine; None: emulated)
     finish_reason: str | None = None    # "stop" | "length" (a real engine; None: emulated)
+    cached_tokens: int = 0              # prompt tokens found in the prefix cache (in the JSON only when > 0)
 
     @classmethod
     def from_sequence(cls, s) -> "CompletionRecord":
@@ -54,12 +56,15 @@ class CompletionRecord:
         c = s.completion
         return cls(s.req.id, s.replica, s.req.arrival_s, s.first_token_s, s.finish_s, s.req.prompt_tokens,
                    s.generated, s.preemptions, None if c is None else c.text,
-                   None if c is None else c.finish_reason)
+                   None if c is None else c.finish_reason, s.cached_tokens)
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in FIELDS}
         for k in OPTIONAL_FIELDS:
             if getattr(self, k) is not None:
+                d[k] = getattr(self, k)
+        for k in COUNT_FIELDS:
+            if getattr(self, k):
                 d[k] = getattr(self, k)
         return d
 
@@ -76,7 +81,8 @@ class CompletionRecord:
         try:
             rec = cls(str(d["id"]), str(d["replica"]), float(d["arrival_s"]), float(d["first_token_s"]),
                       float(d["finish_s"]), int(d["prompt_tokens"]), int(d["output_tokens"]), int(d["preemptions"]),
-                      *(None if d.get(k) is None else str(d[k]) for k in OPTIONAL_FIELDS))
+                      *(None if d.get(k) is None else str(d[k]) for k in OPTIONAL_FIELDS),
+                      int(d.get("cached_tokens", 0)))
         except (TypeError, ValueError) as e:
             raise ResultsError(f"{where}: bad value ({e})") from None
         if not all(math.isfinite(x) for x in (rec.arrival_s, rec.first_token_s, rec.finish_s)):
@@ -401,4 +407,4 @@ class OutputFormat:
 
 PLAIN = OutputFormat()
 
-assert tuple(f.name for f in fields(CompletionRecord)) == FIELDS + OPTIONAL_FIELDS
+assert tuple(f.name for f in fields(CompletionRecord)) == FIELDS + OPTIONAL_FIELDS + COUNT_FIELDS

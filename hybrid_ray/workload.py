@@ -18,6 +18,7 @@ import numpy as np
 
 from hybrid_ray.errors import InfeasibleRequestError, WorkloadError, one_line
 from hybrid_ray.payload import Payload
+from hybrid_ray.prefix_cache import HASH_BLOCK_TOKENS
 from hybrid_ray.promptinfo import PromptInfo, prompt_info
 
 if TYPE_CHECKING:
@@ -34,6 +35,10 @@ class Request:
     true length is learned when the engine stops the sequence (EOS or a stop string).
     ``info``: what a length predictor may read of the prompt (text, kind, model, system-prompt hash,
     max_tokens; ``PromptInfo``), None for a request known only by its token counts.
+    ``hash_ids``: one id per ``HASH_BLOCK_TOKENS`` (512) tokens of the prompt, the last block maybe
+    partial (public prefix traces publish them so): two requests share their first k blocks when
+    their first k ids agree, which a replica's prefix cache reuses (``prefix_cache.py``). None:
+    nothing known to be shared.
     """
 
     id: str
@@ -42,16 +47,17 @@ class Request:
     arrival_s: float = 0.0
     payload: Payload | None = None
     info: PromptInfo | None = None
+    hash_ids: tuple[int, ...] | None = None
 
 
 # --- bundled workloads -------------------------------------------------------------------------
 
-BUILTIN_WORKLOADS: tuple[str, ...] = ("gsm8k", "azure-conv", "azure-code", "mixed-tasks")
+BUILTIN_WORKLOADS: tuple[str, ...] = ("gsm8k", "azure-conv", "azure-code", "mixed-tasks", "doc-qa", "few-shot")
 AZURE_KINDS: tuple[str, ...] = ("conv", "code")
 # prompt / messages / max_tokens / model are features for length predictors (PromptInfo); the
 # simulator charges prompt_tokens (counted from the text when absent, ``tokens.count_prompt_tokens``)
 FILE_KEYS: tuple[str, ...] = ("id", "prompt_tokens", "output_tokens", "arrival_s", "prompt", "messages",
-                              "max_tokens", "model")
+                              "max_tokens", "model", "hash_ids")
 _REQUIRED_KEYS: tuple[str, ...] = ("output_tokens",)
 _JSONL_SUFFIXES = (".jsonl", ".json")
 _CSV_SUFFIXES = (".csv",)
@@ -115,6 +121,11 @@ def mixed_task_requests(n: int = 3000, seed: int = 0) -> list[Request]:
     from . import mixed_tasks
 
     return [Request(x.id, x.prompt_tokens, x.output_tokens, 0.0, info=x.info) for x in mixed_tasks.lines(n, seed)]
+
+
+def prefix_requests(lines: Iterable[Any]) -> list[Request]:
+    """Requests (at t = 0) from ``prefix_workloads`` lines: token counts and ``hash_ids``, no text."""
+    return [Request(x.id, x.prompt_tokens, x.output_tokens, 0.0, hash_ids=x.hash_ids) for x in lines]
 
 
 def _parse_timestamp(text: str) -> datetime:
@@ -203,6 +214,29 @@ def _short(raw: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def _hash_ids(raw: Any) -> tuple[int, ...] | None:
+    """A ``hash_ids`` value: a JSON list of integers (a CSV cell holds the list's JSON text); blank: None."""
+    value = raw
+    if isinstance(raw, str):
+        try:
+            value = json.loads(raw)
+        except (ValueError, RecursionError):
+            value = None
+    if not isinstance(value, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+        raise ValueError(f"hash_ids must be a list of integers (one per {HASH_BLOCK_TOKENS}-token block of the "
+                         f"prompt), got {_short(raw)}")
+    return tuple(value) or None
+
+
+def check_hash_ids(hash_ids: tuple[int, ...] | None, prompt_tokens: int) -> None:
+    """ValueError when ``hash_ids`` has more blocks than a prompt of ``prompt_tokens`` tokens holds."""
+    if hash_ids is not None and prompt_tokens > 0:
+        most = -(-prompt_tokens // HASH_BLOCK_TOKENS)
+        if len(hash_ids) > most:
+            raise ValueError(f"hash_ids has {len(hash_ids)} entries, but a {prompt_tokens}-token prompt has only "
+                             f"{most} block(s) of {HASH_BLOCK_TOKENS} tokens")
+
+
 def _request_id(raw: Any, default: str) -> str:
     """The given id (str or int), or ``default`` when absent/blank."""
     if raw is None or (isinstance(raw, str) and not raw.strip()):
@@ -280,6 +314,7 @@ def _record_to_request(record: dict[str, Any], default_id: str, what: str) -> tu
         info = prompt_info(text=prompt, messages=messages, kind="" if text is None else
                            "chat" if messages is not None else "completion", model=model, max_tokens=max_tokens)
     arrival = record.get("arrival_s")
+    hash_ids = None if _is_missing(record.get("hash_ids")) else _hash_ids(record["hash_ids"])
     req = Request(
         id=_request_id(record.get("id"), default_id),
         prompt_tokens=0 if _is_missing(record.get("prompt_tokens")) else
@@ -287,7 +322,9 @@ def _record_to_request(record: dict[str, Any], default_id: str, what: str) -> tu
         output_tokens=output,
         arrival_s=0.0 if _is_missing(arrival) else _arrival(arrival),
         info=info,
+        hash_ids=hash_ids,
     )
+    check_hash_ids(hash_ids, req.prompt_tokens)
     return req, (text if req.prompt_tokens == 0 else None)
 
 
@@ -354,9 +391,11 @@ def _csv_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 def load_file(path: str | Path, tokenizer: Any = None) -> list[Request]:
     """Requests from a JSONL (.jsonl/.json) or CSV (.csv) file, in file order.
 
-    Fields: prompt_tokens, output_tokens (int >= 1), optional id (default ``<stem>-<line>``) and
-    arrival_s (float >= 0, default 0). Optional features for length predictors (``PromptInfo``):
-    ``prompt`` (a string) or ``messages`` (a chat, JSONL only), ``max_tokens`` and ``model``.
+    Fields: prompt_tokens, output_tokens (int >= 1), optional id (default ``<stem>-<line>``),
+    arrival_s (float >= 0, default 0) and hash_ids (a JSON list of integers, one per 512-token block of
+    the prompt, at most ceil(prompt_tokens / 512): the prompt's prefix identity, ``Request.hash_ids``).
+    Optional features for length predictors (``PromptInfo``): ``prompt`` (a string) or ``messages``
+    (a chat, JSONL only), ``max_tokens`` and ``model``.
     ``prompt_tokens`` is what the simulator charges; a line with text but no ``prompt_tokens`` is
     counted by ``tokenizer`` (``tokens.count_prompt_tokens``: a model's, else the bundled one).
     Unknown keys are errors so typos cannot silently drop a field. Every error is a WorkloadError
@@ -409,8 +448,12 @@ def _build_requests(path: Path, records: Iterable[tuple[int, dict[str, Any]]],
         except Exception as exc:                      # a model's tokenizer refusing a text
             raise WorkloadError(f"{path} line {to_count[0][1]}: cannot count the prompt's tokens "
                                 f"({one_line(exc)}); give prompt_tokens") from None
-        for (k, _, _), n in zip(to_count, counts):
+        for (k, line_no, _), n in zip(to_count, counts):
             out[k] = replace_request(out[k], prompt_tokens=max(1, int(n)))
+            try:
+                check_hash_ids(out[k].hash_ids, out[k].prompt_tokens)
+            except ValueError as exc:
+                raise WorkloadError(f"{path} line {line_no}: {exc} (counted from its text)") from None
     return out
 
 
@@ -439,7 +482,8 @@ def _select(requests: list[Request], limit: int | None, seed: int | None) -> lis
 
 def load_workload(spec: str, limit: int | None = None, seed: int | None = None,
                   tokenizer: Any = None) -> list[Request]:
-    """Load a named workload (gsm8k, azure-conv, azure-code, mixed-tasks[:N[:SEED]]) or a JSONL/CSV file.
+    """Load a named workload (gsm8k, azure-conv, azure-code, mixed-tasks[:N[:SEED]], doc-qa[:N[:SEED]],
+    few-shot[:N[:SEED]]: ``prefix_workloads.py``) or a JSONL/CSV file.
 
     Names win over a same-named file. ``limit`` keeps the first N (or, with ``seed``, a seeded
     sample of N in original order). The result is sorted by arrival_s, stably, so ties keep
@@ -447,11 +491,14 @@ def load_workload(spec: str, limit: int | None = None, seed: int | None = None,
     prompt_tokens (``load_file``).
     """
     _check_limit(limit)
-    from . import mixed_tasks
+    from . import mixed_tasks, prefix_workloads
 
     sized = mixed_tasks.parse_spec(spec)
+    shared = prefix_workloads.parse_spec(spec)
     if sized is not None:
         requests = mixed_task_requests(*sized)
+    elif shared is not None:
+        requests = prefix_requests(prefix_workloads.lines(*shared))
     elif spec == "gsm8k":
         requests = load_gsm8k(None if seed is not None else limit)
     elif spec in ("azure-conv", "azure-code"):
@@ -460,7 +507,8 @@ def load_workload(spec: str, limit: int | None = None, seed: int | None = None,
         requests = load_file(spec, tokenizer)
     else:
         raise WorkloadError(f"unknown workload {spec!r}: expected one of "
-                            f"{', '.join(BUILTIN_WORKLOADS)} (mixed-tasks:N[:SEED] for another size), or a path "
+                            f"{', '.join(BUILTIN_WORKLOADS)} (mixed-tasks:N[:SEED], doc-qa:N[:SEED], few-shot:N[:SEED] "
+                            f"for another size), or a path "
                             f"to an existing "
                             f"{'/'.join(_JSONL_SUFFIXES + _CSV_SUFFIXES)} file")
     return sorted(_select(requests, limit, seed), key=lambda r: r.arrival_s)

@@ -192,7 +192,7 @@ BAD_CASES = {
                               ["unknown top-level key 'grups'", "did you mean 'groups'?", "allowed: engine, groups, name"]),
     "unknown group key": (_rename("groups.0", "max_batch_size", "max_batchsize"),
                           ["groups[0]: unknown key 'max_batchsize'", "(did you mean 'max_batch_size'?)",
-                           "allowed: cost_model, count, kv_capacity_tokens"]),
+                           "allowed: block_size, cost_model, count, kv_capacity_tokens"]),
     "unknown cost key": (_rename("groups.1.cost_model.decode", "per_seq_s", "per_sequence_s"),
                          ["groups[1].cost_model.decode: unknown key 'per_sequence_s'", "did you mean 'per_seq_s'"]),
     "missing count": (_del("groups.0.count"), ["groups[0]: missing required key 'count'"]),

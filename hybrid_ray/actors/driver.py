@@ -843,7 +843,7 @@ class Driver:
             seqs.append(Sequence(req, started.get(rec.id, first.get(rec.id, -1)), status=FINISHED,
                                  generated=rec.output_tokens, first_token_s=rec.first_token_s, finish_s=rec.finish_s,
                                  preemptions=rec.preemptions, replica=rec.replica,
-                                 predicted_first=first.get(rec.id, -1)))
+                                 predicted_first=first.get(rec.id, -1), cached_tokens=rec.cached_tokens))
         record = RunRecord(self.scheduler.name, self.cluster.source, states, seqs, cstats.moves,
                            extra={"failed_replicas": list(self.failed), "predictor": self.scheduler.predictor.name,
                                   "prediction_versions": self.scheduler.predictor.version})

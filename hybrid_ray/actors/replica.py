@@ -56,7 +56,7 @@ from typing import Any, Callable
 
 from ..config import ReplicaSpec
 from ..engines.factory import Engine, EmulatedEngine, make_engine
-from ..engines.base import whole_seeded_prefill
+from ..engines.base import engine_prefix_caching, whole_seeded_prefill
 from ..replica import LoadReport, ReplicaState, Sequence
 from ..results import CompletionRecord
 from ..simulator import start_iteration
@@ -118,6 +118,7 @@ class ReplicaActor:
             engine = make_engine(time_scale=time_scale, spec=spec, **engine_spec)
         self.engine: Engine = engine if engine is not None else EmulatedEngine(time_scale)
         whole_seeded_prefill(self.engine, self.state)   # an engine that cannot split a seeded prefill
+        engine_prefix_caching(self.engine, self.state)  # an engine without a prefix cache: none modelled
         self.report_interval_s = report_interval_s
         # a pull-based dispatcher releases work when sequences finish: tell it at once, and which
         self.report_finished = report_finished

@@ -7,13 +7,17 @@ time_scale is 1). A real engine reports every sequence it finished in ``completi
 tokens, finish reason); one it stopped before our state's count (EOS, a stop string) is freed by
 the replica (``ReplicaState.finish_early``): the state learns the true length then.
 
-Two optional members (read with ``getattr``):
+Three optional members (read with ``getattr``):
 
 * ``seeded_chunking`` (default True): whether the engine can split a seeded sequence's prefill
   over iterations. vLLM rewinds a seeded request's ``torch.Generator`` after a partial prefill
   (``set_offset``), which a CPU generator cannot do, so ``VLLMEngine`` detects it on its device;
   when False, the replica's state prefills seeded sequences whole (``ReplicaState.whole_seeded``,
   set by ``whole_seeded_prefill``) and every policy's chunking respects it.
+* ``prefix_caching`` (default False): whether the engine reuses cached prompt prefixes as the
+  replica's state models them (``ReplicaState.prefix``); where False the state models no cache
+  (``engine_prefix_caching``), so it never skips prompt tokens the engine computes. The emulated
+  engine prices the state's iterations, so it has one; the real engines run with theirs off.
 * ``reset()``: forget every sequence, after ``execute`` raised (the replica restarts them from
   their prompts, ``actors/replica.py``); an engine without it cannot recover from a failed step.
 """
@@ -35,6 +39,13 @@ class EngineResult:
 def whole_seeded_prefill(engine, state: ReplicaState) -> None:
     """Tell ``state`` whether ``engine`` must prefill seeded sequences in one piece (``seeded_chunking``)."""
     state.whole_seeded = not getattr(engine, "seeded_chunking", True)
+
+
+def engine_prefix_caching(engine, state: ReplicaState) -> None:
+    """Turn ``state``'s prefix cache off unless ``engine`` reuses prefixes as it models (``prefix_caching``).
+    Before any sequence is added: a sequence's cache keys are cut when it joins a queue."""
+    if not getattr(engine, "prefix_caching", False):
+        state.prefix = None
 
 
 class Engine(Protocol):

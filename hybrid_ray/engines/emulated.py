@@ -18,6 +18,8 @@ from .base import EngineResult
 
 
 class EmulatedEngine:
+    prefix_caching = True      # it sleeps the state's priced iterations: cache hits included
+
     def __init__(self, time_scale: float):
         if not time_scale > 0:
             raise ValueError(f"time_scale must be > 0, got {time_scale}")

@@ -5,7 +5,9 @@ Decodes never stall for a whole prompt, which bounds inter-token latency; the pr
 long prompts take several iterations. This is vLLM v1's default scheduler shape. Chunks are cut
 by ``ReplicaState.prefill_chunk``: a prompt that must be prefilled whole (a seeded one on an
 engine that cannot split it) waits, FCFS, until it fits the budget left; when it fits no
-iteration's budget it runs alone at the head of a prefill-only iteration.
+iteration's budget it runs alone at the head of a prefill-only iteration. A new prompt's cached
+prefix is skipped (``ReplicaState.prefill_rest``) and its evictable blocks count as KV it takes
+(``admit_kv``), as in vLLM's scheduler.
 """
 from __future__ import annotations
 
@@ -39,21 +41,24 @@ class ChunkedPrefill:
             if budget <= 0 or slots <= 0:
                 break
             n = r.prefill_chunk(s, budget)
+            extra = r.admit_kv(s)
             if n <= 0:
-                if not chunks and s.prefill_target > limit - len(r.running) and s.prefill_target + 1 <= kv_free:
-                    return Iteration(PREFILL, [(s, s.prefill_target)], decode=False)   # whole: fits no budget
+                rest = r.prefill_rest(s)
+                if not chunks and rest > limit - len(r.running) and rest + 1 + extra <= kv_free:
+                    return Iteration(PREFILL, [(s, rest)], decode=False)   # whole: fits no budget
                 break
-            if n + 1 > kv_free:
+            if n + 1 + extra > kv_free:
                 break
             chunks.append((s, n))
             budget -= n
-            kv_free -= n + 1
+            kv_free -= n + 1 + extra
             slots -= 1
         if not chunks and not r.running and r.waiting and kv_free > 1:
             s = r.waiting[0]   # budget smaller than the batch: still make progress
-            n = r.prefill_chunk(s, min(limit, kv_free - 1))
-            if n <= 0 and s.prefill_target + 1 <= kv_free:
-                n = s.prefill_target           # whole (prefill_chunk): alone, above the budget
+            extra = r.admit_kv(s)
+            n = r.prefill_chunk(s, min(limit, kv_free - 1 - extra))
+            if n <= 0 and r.prefill_rest(s) + 1 + extra <= kv_free:
+                n = r.prefill_rest(s)          # whole (prefill_chunk): alone, above the budget
             if n > 0:
                 chunks.append((s, n))
         if r.running:

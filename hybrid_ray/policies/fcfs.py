@@ -13,7 +13,9 @@ def admit_in_order(r: ReplicaState, queue: list[Sequence], limit: int | None = N
     """Whole-prompt prefills from the front of ``queue`` while slots, KV and token budget allow.
 
     KV keeps one token per running sequence free for the next decode step. The first request is
-    admitted even above the token budget (vLLM's budget is at least the model length).
+    admitted even above the token budget (vLLM's budget is at least the model length). A prompt's
+    cached prefix is neither computed nor budgeted; its evictable blocks count as KV it takes
+    (``ReplicaState.prefill_rest``, ``admit_kv``).
     """
     slots = r.free_slots if limit is None else min(r.free_slots, limit)
     kv_free = r.kv_free - len(r.running)
@@ -23,12 +25,13 @@ def admit_in_order(r: ReplicaState, queue: list[Sequence], limit: int | None = N
     for s in queue:
         if len(out) >= slots:
             break
-        n = s.prefill_target - s.prefilled
-        if n + 1 > kv_free or (out and tokens + n > budget):
+        n = r.prefill_rest(s)
+        need = n + 1 + r.admit_kv(s)
+        if need > kv_free or (out and tokens + n > budget):
             break
         out.append((s, n))
         tokens += n
-        kv_free -= n + 1
+        kv_free -= need
     return out
 
 

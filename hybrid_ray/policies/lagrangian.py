@@ -236,7 +236,7 @@ class LagrangianPolicy:
         mu = self.multiplier * t_d / r.max_batch
         k = len(batch)
         tokens = sum(n for _, n in batch)
-        attn = sum(n * n for _, n in batch)
+        attn = sum(n * (2 * (s.prefill_target - n) + n) for s, n in batch)   # after a cached prefix, if any
         chunks = self._chunks(r, batch) if self.chunk_tokens > 0 else batch
         mixable = bool(chunks)
         now_cost, mixed = self._insert_cost(r, tokens, attn, t_d, mixable)
@@ -308,9 +308,10 @@ class LagrangianPolicy:
             if kj == last_kj:
                 continue                              # same insertion, more slot-steps lost: no better
             for q in range(last_kj, kj):              # grow the insertion with the next prompts
-                n = queue[q].prefill_target
+                s = queue[q]
+                n = r.prefill_rest(s)
                 tokens += n
-                attn += n * n
+                attn += n * (2 * (s.prefill_target - n) + n)
             last_kj = kj
             cost, _ = self._insert_cost(r, tokens, attn, t_d, mixable)
             per = (cost + lost) / kj
