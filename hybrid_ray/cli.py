@@ -545,11 +545,18 @@ def cmd_make_model(args: argparse.Namespace) -> int:
 
 
 def cmd_make_workload(args: argparse.Namespace) -> int:
-    """`hybrid-ray make-workload mixed-tasks -o FILE`: the mixed-task text workload (mixed_tasks.py)."""
-    from .mixed_tasks import write_jsonl
-
+    """`hybrid-ray make-workload mixed-tasks|doc-qa|few-shot -o FILE`: a generated workload (mixed_tasks.py,
+    prefix_workloads.py)."""
     try:
-        path = write_jsonl(args.output, args.n, args.seed, fmt=args.format)
+        if args.name == "mixed-tasks":
+            from .mixed_tasks import write_jsonl
+            path = write_jsonl(args.output, args.n, args.seed, fmt=args.format)
+        else:
+            if args.format != "workload":
+                raise UsageError(f"--format {args.format}: {args.name} carries token counts and hash_ids, no text; "
+                                 f"only --format workload")
+            from .prefix_workloads import write_jsonl as write_prefix
+            path = write_prefix(args.output, args.name, args.n, args.seed)
     except OSError as e:
         raise UsageError(f"-o {args.output}: cannot write ({e.strerror or e})") from None
     print(f"wrote {path} ({args.n} requests, seed {args.seed})")
@@ -704,14 +711,16 @@ def build_parser() -> argparse.ArgumentParser:
     mm.add_argument("dir", help="directory to write (new or empty)")
     mm.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     mm.set_defaults(func=cmd_make_model)
-    mw = sub.add_parser("make-workload", help="write a generated text workload (mixed-tasks: five task kinds with "
-                                              "prompt text and true output lengths) as a JSONL file",
+    mw = sub.add_parser("make-workload", help="write a generated workload (mixed-tasks: five task kinds with "
+                                              "prompt text and true output lengths; doc-qa, few-shot: shared "
+                                              "prefixes) as a JSONL file",
                         description="Write the mixed-task workload: classification, summaries, stories, translation "
                                     "and math prompts (templates, GSM8K questions, seeded random words) with "
                                     "prompt_tokens consistent with the text and true output_tokens drawn per task "
                                     "(docs/scheduling.md section 5). --workload mixed-tasks[:N[:SEED]] is the same "
                                     "without a file; a different --seed makes a disjoint history.")
-    mw.add_argument("name", choices=["mixed-tasks"], help="which generator")
+    mw.add_argument("name", choices=["mixed-tasks", "doc-qa", "few-shot"],
+                    help="which generator (doc-qa, few-shot: shared prefixes as hash_ids, docs/scheduling.md section 8)")
     mw.add_argument("--n", type=_POSITIVE_INT, default=3000, help="requests (default 3000)")
     mw.add_argument("--seed", type=int, default=0, help="generator seed (default 0; the docs' history uses 1)")
     mw.add_argument("--format", choices=["workload", "batch"], default="workload",

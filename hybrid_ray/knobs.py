@@ -17,6 +17,10 @@ KNOBS: dict[str, dict[str, object]] = {
     # ray.data.llm's defaults (policies/raydata.py cites the source); 0 in-flight: 2 x max_concurrent_batches
     "raydata": {"batch_size": 32, "max_concurrent_batches": 8, "max_tasks_in_flight_per_actor": 0},
     "serve": {"max_ongoing_requests": 0},          # 0: 2 x each replica's max_batch_size
+    # PrefixCacheAffinityRouter's defaults (policies/serve_prefix.py); imbalanced_threshold 0: none
+    # (Ray's default, inf: prefix routing whatever the load), else the queue-length difference past which
+    # it falls back to power-of-two choices (Ray's docs example sets 20)
+    "serve-prefix": {"imbalanced_threshold": 0, "match_rate_threshold": 0.1},
     "hybrid": {"multiplier": 1.0, "allow_mixed": True, "chunk_tokens": 512, "horizon": 32, "ramp": "shortest", "sort": "plan",
                "interval_s": 1.0, "threshold_s": 0.5, "rel_threshold": 0.01, "max_moves": 4,
                "dispatch": "auto"},
@@ -69,6 +73,8 @@ KNOB_RANGES: dict[str, dict[str, KnobRange]] = {
                 "max_tasks_in_flight_per_actor": KnobRange("int", 0, note="0: 2 x max_concurrent_batches, "
                                                                           "Ray Data's default")},
     "serve": {"max_ongoing_requests": KnobRange("int", 0, note="0: 2 x each replica's max_batch_size")},
+    "serve-prefix": {"imbalanced_threshold": KnobRange("int", 0, note="0: none, Ray's default"),
+                     "match_rate_threshold": KnobRange("float", 0)},
     "hybrid": {"multiplier": KnobRange("float", 0), "allow_mixed": KnobRange("bool"),
                "chunk_tokens": KnobRange("int", 0, note="0: mixed insertions are not chunked"),
                "horizon": _INT1, "ramp": KnobRange("choice", choices=RAMPS),

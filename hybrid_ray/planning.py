@@ -22,12 +22,13 @@ from .planner.binpack import deterministic_budget, pack
 from .planner.budget import SIM_ITERATIONS_PER_S, PlanBudget, scaled_budget
 from .planner.bounds import lower_bound
 from .planner.estimate import latency_matrix, work_matrix
+from .planner.prefix import finish_estimates as prefix_finish, grouped_order, prefix_assignment, prefix_groups
 from .planner.plan import METHODS, ORDERS, TAIL_BATCHES, Plan, repair_latency_bound, start_order
 from .planner.refine import refine_assignment
 from .planner.tiered import tiered_assignment
 from .policies.base import PlannedLengths, Scheduler
 from .policies.predict import has_distribution, make_predictor, predict_quantiles, scenario_lengths
-from .schedulers import BUILDERS, initial_batch, needs_plan, plan_bands, plan_dispatch
+from .schedulers import BUILDERS, initial_batch, needs_plan, plan_bands, plan_dispatch, prefix_plan_applies
 from .simulator import DeadlinePassed, simulate
 from .workload import Request
 
@@ -41,7 +42,7 @@ class SimBatch(list):
     @classmethod
     def scenario(cls, requests: list[Request], planned: list[int], truth: np.ndarray) -> "SimBatch":
         true_out = np.maximum(1, np.rint(np.asarray(truth, dtype=np.float64))).astype(np.int64).tolist()
-        out = cls(Request(q.id, q.prompt_tokens, o, 0.0) for q, o in zip(requests, true_out))
+        out = cls(Request(q.id, q.prompt_tokens, o, 0.0, hash_ids=q.hash_ids) for q, o in zip(requests, true_out))
         out.predictor = PlannedLengths({q.id: p for q, p in zip(requests, planned)})
         return out
 
@@ -104,6 +105,10 @@ def make_plan(cluster: ClusterSpec, requests: list[Request], predicted_output: n
     speeds = speed_of_group[gidx]
     latency = latency_matrix(cluster, prompt, output)
     span = None if span_output is None else np.maximum(output, np.asarray(span_output, dtype=np.float64))
+    # requests sharing a prompt prefix, where some group caches prefixes
+    # requests sharing a prompt prefix, where some group caches prefixes and the distinct prefixes do
+    # not all fit one replica's cache (else every replica keeps them all, and the usual cuts apply)
+    sharing = prefix_groups(requests) if prefix_plan_applies(cluster, requests) else None
     method_used = method
     if plan_share is not None:        # the budget scales with the batch: its makespan's O(n) estimate, the
         # work on the reference group over the cluster's speed, or the longest request's latency on
@@ -130,7 +135,7 @@ def make_plan(cluster: ClusterSpec, requests: list[Request], predicted_output: n
     # the plan packs the requests as one batch (all present), so its bound must ignore arrivals too;
     # and it knows only the lengths it planned with (a planner never reads a true length)
     planned_out = np.maximum(1, np.rint(output)).astype(np.int64).tolist()  # round half to even, as round()
-    batch = [Request(q.id, q.prompt_tokens, o, 0.0) for q, o in zip(requests, planned_out)]
+    batch = [Request(q.id, q.prompt_tokens, o, 0.0, hash_ids=q.hash_ids) for q, o in zip(requests, planned_out)]
     runs_on = batch if scenario_output is None else SimBatch.scenario(requests, planned_out, scenario_output)
     budget.enter("bound")
     left = budget.left_s()
@@ -143,16 +148,26 @@ def make_plan(cluster: ClusterSpec, requests: list[Request], predicted_output: n
 
     orders: dict[tuple, np.ndarray] = {}      # (replica, mode, its requests) -> start order
 
-    def build(assign: np.ndarray, banded: bool, slots: bool = False) -> Plan:
+    def build(assign: np.ndarray, banded: bool, slots: bool = False, grouped: bool = False) -> Plan:
         """The plan of an assignment; a replica's start order is computed once per set of requests
-        (the refining search rebuilds plans that differ on two replicas)."""
+        (the refining search rebuilds plans that differ on two replicas). ``grouped``: each replica
+        runs its prefix groups one after another (``planner.prefix``)."""
         order: dict[str, list[str]] = {r.name: [] for r in replicas}
         finish: dict[str, float] = {}
-        est = estimated_finish(cluster, prompt, output, assign, span) if banded else None
+        est = (estimated_finish(cluster, prompt, output, assign, span) if banded else
+               prefix_finish(cluster, prompt, output, sharing, assign) if grouped else None)
         peak = prompt + output                                       # KV a request holds at its end
         for m, r in enumerate(replicas):
             idx = np.flatnonzero(assign == m)
             mode = start
+            if grouped:
+                key = (m, "groups", idx.tobytes())
+                if key not in orders:
+                    orders[key] = grouped_order(idx, sharing, work[gidx[m]], output)
+                idx = orders[key]
+                order[r.name] = [requests[j].id for j in idx]
+                finish[r.name] = float(est[m])
+                continue
             if banded:                # a band's longest requests set its iterations: start them first
                 mode = "slots" if slots or start == "slots" else "longest"
             elif start == "auto":     # longest-first unless a batch of its long requests would not fit the KV cache
@@ -175,7 +190,7 @@ def make_plan(cluster: ClusterSpec, requests: list[Request], predicted_output: n
             lower_bound_s=lb.value_s, gap=(planned / lb.value_s - 1.0) if lb.value_s > 0 else 0.0,
             pack_bound_s=float(res.lower_bound),
             pack_gap=float(res.makespan / res.lower_bound - 1.0) if res.lower_bound > 0 else 0.0,
-            solver_status=res.status, method=res.method if not banded else "bands",
+            solver_status=res.status, method="prefix" if grouped else res.method if not banded else "bands",
             solve_time_s=time.perf_counter() - t0, info=dict(info, bands=banded))
 
     # the YAML's policy.hybrid.dispatch wins; else the caller's (schedulers.plan_dispatch); else auto
@@ -186,6 +201,10 @@ def make_plan(cluster: ClusterSpec, requests: list[Request], predicted_output: n
     # each candidate as (name, how to build it), built and simulated in PRIORITY order while the budget
     # lasts (the tiers last: their calibration costs CALIBRATIONS + 1 runs); scores keep this order
     makers: dict[str, Callable[[], Plan]] = {}
+    if sharing is not None and dispatch != "bounded":
+        # requests sharing a cached prefix packed together (planner.prefix): a candidate like the others
+        makers["prefix"] = lambda: _with(build(prefix_assignment(cluster, prompt, output, sharing)[0], False,
+                                               grouped=True), start="groups")
     if bands in ("auto", "off") and dispatch != "bounded":
         makers["pack"] = lambda: build(assign, False)
         if start == "auto" and bands == "auto" and len(requests) <= TUNE_MAX:
@@ -247,7 +266,7 @@ LP_BOUND_S = 0.25                # ... and below which every LP of a mixed clust
 
 # (banded, slots) of each candidate's build: what a refined assignment is rebuilt with
 CANDIDATE_SHAPES = {"pack": (False, False), "slots": (False, True), "bands": (True, False),
-                    "bands-slots": (True, True), "tiers": (True, True)}
+                    "bands-slots": (True, True), "tiers": (True, True), "prefix": (False, False, True)}
 REFINE_SIMULATIONS = 128            # hybrid runs the local search may spend on the chosen plan...
 REFINE_ITERATIONS = 250_000         # ... and at most this many simulated iterations in all
 
@@ -334,11 +353,23 @@ def _run_hybrid(cluster: ClusterSpec, batch: list[Request], plan: Plan, budget: 
         budget.skip("run cut at the deadline")
         raise
     iterations = sum(len(r.records) for r in rec.replicas)
+    if cluster_caches_prefixes(cluster, batch):   # an iteration that admits cached prefixes costs more to simulate
+        iterations *= PREFIX_SIM_COST
     plan.info["sim_iterations"] = iterations
     if budget is not None:
         budget.spend(iterations, time.perf_counter() - t)
         budget.run_iterations = max(budget.run_iterations, iterations)
     return rec
+
+
+# what a simulated iteration costs with prefix caching at work, in iterations without it: the block
+# matching at each admission and finish (doc-qa x h100_llama7b, `vllm`: 64 us against 9 us)
+PREFIX_SIM_COST = 8
+
+
+def cluster_caches_prefixes(cluster: ClusterSpec, batch: list[Request]) -> bool:
+    """Whether a simulated run of ``batch`` on ``cluster`` keeps a prefix cache busy."""
+    return any(g.prefix_caching for g in cluster.groups) and any(q.hash_ids for q in batch)
 
 
 def _iterations(plan: Plan) -> float:
@@ -524,10 +555,10 @@ def choose_plan(cluster: ClusterSpec, batch: list[Request], makers: dict[str, Ca
 # the order the budget is spent on the candidates: one run each, a work-balanced and a banded cut first
 # (on GSM8K the bands win on h100_llama7b by 19 %, the slot order on local by 4 %), then their
 # slot-ordered variants, late binding, and the tiers last (their calibration is seven runs)
-PRIORITY = ("pack", "bands", "slots", "bands-slots", "bounded", "tiers")
+PRIORITY = ("prefix", "pack", "bands", "slots", "bands-slots", "bounded", "tiers")
 # with predicted lengths (a scenario): the work-balanced cuts, then late binding, which every plan must
 # beat by ROBUST_MARGIN, then the bands
-SCENARIO_PRIORITY = ("pack", "slots", "bounded", "bands", "bands-slots", "tiers")
+SCENARIO_PRIORITY = ("prefix", "pack", "slots", "bounded", "bands", "bands-slots", "tiers")
 # how much faster than late binding a plan must run on a scenario of predicted lengths to be kept:
 # late binding adapts to the true lengths as they come, which one drawn scenario cannot show; on the
 # mixed-task batch (600-request history) a scenario ranked a plan 3 % ahead of late binding on
@@ -581,7 +612,7 @@ def build_scheduler(name: str, cluster: ClusterSpec, requests: list[Request], le
     if plan is None and needs_plan(name):
         batch = initial_batch(requests)
         predicted = np.array([predictor.predict(q) for q in batch], dtype=np.float64)
-        kw = {"bands": plan_bands(name, predictor), "dispatch": plan_dispatch(name, predictor, cluster), **kw}
+        kw = {"bands": plan_bands(name, predictor), "dispatch": plan_dispatch(name, predictor, cluster, batch), **kw}
         if has_distribution(predictor):       # choose on a draw from it; cut the bands at its p90
             kw.setdefault("scenario_output", scenario_lengths(predictor, batch, seed))
             kw.setdefault("span_output", np.array([predict_quantiles(predictor, q)[1] for q in batch], np.float64))

@@ -7,10 +7,13 @@ below imports it back.
 """
 from __future__ import annotations
 
+import math
+
 from .config import ClusterSpec
 from .errors import ConfigError
 from .knobs import KNOBS, KnobError, check_policy_knobs
 from .planner.estimate import sequence_work
+from .planner.prefix import prefix_groups, prefixes_crowd
 from .policies.base import Scheduler
 from .policies.chunked import ChunkedPrefill
 from .policies.controller import RebalanceController
@@ -20,6 +23,7 @@ from .policies.predict import has_distribution, make_predictor
 from .policies.raydata import RAY_DATA_IN_FLIGHT_FACTOR, RayDataDispatcher
 from .policies.routing import EarliestFinishRouter, LeastLoadedRouter, PlanRouter, RoundRobinRouter
 from .policies.serve import SERVE_LLM_MAX_ONGOING_REQUESTS, ServeDispatcher
+from .policies.serve_prefix import PrefixAffinityDispatcher
 from .policies.sorting import SortedQueue, longest_predicted_first, plan_rank
 from .workload import Request
 
@@ -82,6 +86,20 @@ def build_serve_llm(cluster: ClusterSpec, requests: list[Request], seed: int = 0
     return sch
 
 
+def build_serve_prefix(cluster: ClusterSpec, requests: list[Request], seed: int = 0, **_) -> Scheduler:
+    """Ray Serve LLM with its prefix-aware router (``PrefixCacheAffinityRouter``, its default
+    thresholds): a request goes to the replica whose routed prompts share its longest prefix, else
+    to the replica with the least prompt text routed; unbounded queues as ``serve-llm``; v1 engines
+    with prefix caching (policies/serve_prefix.py)."""
+    k = _knobs(cluster, "serve-prefix")
+    limits = {r.index: SERVE_LLM_MAX_ONGOING_REQUESTS for r in cluster.replicas()}
+    threshold = int(k["imbalanced_threshold"]) or math.inf
+    sch = Scheduler("serve-prefix", LeastLoadedRouter(), vllm_v1_engine)
+    sch.dispatcher = PrefixAffinityDispatcher(limits, seed=seed, imbalanced_threshold=threshold,
+                                              match_rate_threshold=float(k["match_rate_threshold"]))
+    return sch
+
+
 def build_raydata(cluster: ClusterSpec, requests: list[Request], **_) -> Scheduler:
     """Ray Data LLM: blocks of rows to the least-busy engine actor (at most
     ``max_tasks_in_flight_per_actor`` blocks submitted to one, ``max_concurrent_batches`` of them
@@ -125,21 +143,34 @@ def plan_bands(policy: str, predictor) -> str:
     return "auto" if policy == "hybrid" and (predictor.name == "oracle" or has_distribution(predictor)) else "off"
 
 
-def plan_dispatch(policy: str, predictor, cluster: ClusterSpec) -> str:
+def plan_dispatch(policy: str, predictor, cluster: ClusterSpec, requests: list[Request] | None = None) -> str:
     """The planner's default ``dispatch`` for ``policy`` (the YAML's policy.hybrid.dispatch wins).
 
     Known lengths: ``auto``, the planner simulates plan routing and late binding and keeps the
     faster. A fitted length distribution: ``auto`` too, on a draw from it, where a plan must beat
     late binding by ``planning.ROBUST_MARGIN``. A point prediction alone (online at the start): no
-    simulation can tell (it would run on the same wrong lengths), so a rule. One group: late
-    binding (Serve's bounded queues, fed longest predicted first), which balances by completions and needs no lengths; several groups: the plan, which puts work where
+    simulation can tell (it would run on the same wrong lengths), so a rule. One group: late binding (Serve's bounded queues, fed longest predicted first), which
+    balances by completions and needs no lengths; several groups: the plan, which puts work where
     it is cheapest, where late binding would hand long requests to a slow replica that frees first
-    (docs/scheduling.md section 7 has the measurements)."""
+    (docs/scheduling.md section 7 has the measurements). Whatever the lengths, a batch whose shared
+    prefixes crowd the replicas' caches (``planner.prefix``) is planned: the prefix plan keeps each
+    group where its prefix is cached."""
     if policy != "hybrid":
         return "plan"
     if predictor.name == "oracle" or has_distribution(predictor):
         return "auto"
+    if requests is not None and prefix_plan_applies(cluster, requests):
+        return "plan"                 # a group runs where its prefix is cached: late binding would scatter it
     return "bounded" if len(cluster.groups) == 1 else "plan"
+
+
+def prefix_plan_applies(cluster: ClusterSpec, requests: list[Request]) -> bool:
+    """Whether the planner packs prefix groups for this batch: some group caches prefixes and the
+    distinct shared prefixes do not all fit one replica's cache (``planner.prefix.prefixes_crowd``)."""
+    if not any(g.prefix_caching for g in cluster.groups) or not any(q.hash_ids for q in requests):
+        return False
+    groups = prefix_groups(requests)
+    return groups is not None and prefixes_crowd(cluster, groups)
 
 
 def _assignment(cluster: ClusterSpec, plan) -> dict[str, int]:
@@ -211,6 +242,7 @@ BUILDERS = {
     "vllm": build_vllm,
     "serve": build_serve,
     "serve-llm": build_serve_llm,
+    "serve-prefix": build_serve_prefix,
     "lpt-engine": build_lpt_engine,
 }
 
@@ -228,6 +260,8 @@ DESCRIPTIONS = {
     "vllm": "`vllm serve` data parallel: least-loaded routing + vLLM v1 engines (chunked prefill, budget = max_batched_tokens)",
     "serve": "Ray Serve LLM, tuned: power-of-two-choices router, <= max_ongoing_requests per replica (2 x batch), "
              "vLLM v1 engines",
+    "serve-prefix": "Ray Serve LLM with its PrefixCacheAffinityRouter (default thresholds: prefix match rate >= 0.1, "
+                    "no load threshold), unbounded queues, vLLM v1 engines with prefix caching",
     "serve-llm": "Ray Serve LLM as deployed by default: power-of-two-choices router, max_ongoing_requests 1e9 "
                  "(unbounded: every request routed on arrival), vLLM v1 engines",
 }

@@ -20,7 +20,7 @@ from hybrid_ray.schedulers import policy_names
 from hybrid_ray.policies.base import Scheduler
 from hybrid_ray.policies.fcfs import FCFSPrefillFirst
 from hybrid_ray.policies.routing import LeastLoadedRouter
-from hybrid_ray.replica import DECODE, MIXED, PREFILL, RUNNING, Iteration, ReplicaState, SchedulingError
+from hybrid_ray.replica import DECODE, MIXED, PREFILL, RUNNING, Iteration, ReplicaState, SchedulingError, Sequence
 from hybrid_ray.simulator import simulate
 from hybrid_ray.workload import Request
 
@@ -125,6 +125,14 @@ def test_tight_kv_preempts_but_never_loses(checked_begin):
 
 # -- adversarial schedules: legal for the state machine, bad on purpose ------------------------------
 
+def own_cached(r: ReplicaState, s: Sequence, target: int) -> int:
+    """Tokens a preempted sequence finds cached when re-admitted: its own prompt blocks (only prompt
+    blocks are cached), at most the full blocks before its last token; 0 without prefix caching."""
+    if s.keys is None:
+        return 0
+    return min(len(s.keys), (target - 1) // r.block_size) * r.block_size
+
+
 class PreemptEveryStep:
     """Evicts the whole batch at every iteration and recomputes it (with new prompts) in one
     prefill: each output token after the first comes from a recompute prefill, none from a decode."""
@@ -135,12 +143,15 @@ class PreemptEveryStep:
         victims = list(r.running.values()) + list(r.prefilling.values())
         chunks, kv, tokens = [], 0, 0
         for s in victims + r.waiting:
-            n = s.req.prompt_tokens + r.generated(s)      # a victim's recompute: prompt + its output so far
+            target = s.req.prompt_tokens + r.generated(s)  # a victim's recompute: prompt + its output so far
+            # less what the prefix cache holds (the state machine rejects a chunk past a hit): a victim's
+            # own prompt blocks, still cached when begin re-admits it; a waiting one's hits
+            n = target - own_cached(r, s, target) if s in victims else r.prefill_rest(s)
             over_budget = chunks and tokens + n > r.max_batched_tokens
-            if len(chunks) >= r.max_batch or kv + n + 1 > r.kv_capacity or over_budget:
+            if len(chunks) >= r.max_batch or kv + target + 1 > r.kv_capacity or over_budget:
                 break
             chunks.append((s, n))
-            kv += n + 1
+            kv += target + 1
             tokens += n
         if not chunks:
             return None
@@ -170,12 +181,14 @@ class TinyChunks:
             room -= n
         slots = r.free_slots
         for s in r.waiting:
-            n = min(self.size, s.prefill_target, room)
-            if slots <= 0 or n <= 0 or s.prefill_target + 1 > kv:
+            rest = r.prefill_rest(s)                      # after its prefix-cache hits, if any
+            n = min(self.size, rest, room)
+            need = rest + 1 + r.admit_kv(s)               # and the evictable cached blocks it takes
+            if slots <= 0 or n <= 0 or need > kv:
                 break
             chunks.append((s, n))
             room -= n
-            kv -= s.prefill_target + 1
+            kv -= need
             slots -= 1
         if decode:
             return Iteration(MIXED if chunks else DECODE, chunks, decode=True)

@@ -141,6 +141,74 @@ def mixed_table(data: list[dict], policies=POLICIES) -> str:
     return "\n".join(lines)
 
 
+# prefix workloads (prefix_workloads.py): where their prompts fit the KV caches (paper_llama65b's 4,400
+# tokens hold no document); `serve-prefix` as Ray ships it and with the threshold Ray's docs example sets
+PREFIX_CONFIGS = ("local", "hetero", "h100_llama7b")
+PREFIX_WORKLOADS = ("doc-qa", "few-shot")
+SERVE_PREFIX_TUNED = "serve-prefix/20"
+PREFIX_POLICIES = ("vllm", "serve", "serve-llm", "serve-prefix", SERVE_PREFIX_TUNED, "raydata", "lpt-engine",
+                   "hybrid")
+
+
+def _policy_cluster(cluster: ClusterSpec, policy: str) -> tuple[ClusterSpec, str]:
+    """``serve-prefix/20``: serve-prefix with ``policy: {serve-prefix: {imbalanced_threshold: 20}}``."""
+    if policy == SERVE_PREFIX_TUNED:
+        return replace(cluster, policy={**cluster.policy, "serve-prefix": {"imbalanced_threshold": 20}}), "serve-prefix"
+    return cluster, policy
+
+
+def prefix_row(config: str, workload: str, condition: str = "headline", policies=PREFIX_POLICIES,
+               plan_opts: dict | None = None) -> dict:
+    """One prefix-workload row: makespan and prefix hit rate per policy, vLLM-style engines caching
+    prefixes (the groups' default), the prefix-aware bound and the hybrid's ratio to the best baseline."""
+    key, label, lengths, sigma = _condition(condition)
+    cl, reqs = load_inputs(config, workload)
+    row: dict = {"config": config, "workload": workload, "condition": key, "condition_label": label,
+                 "requests": len(reqs), "bound": lower_bound(cl, reqs).value_s}
+    opts = PLAN_OPTS if plan_opts is None else plan_opts
+    noise = CostNoise(sigma, NOISE_SEED) if sigma else None
+    for p in policies:
+        c, name = _policy_cluster(cl, p)
+        sch = build_scheduler(name, c, reqs, lengths=lengths, seed=NOISE_SEED, **opts)
+        s = summarize(simulate(c, sch, reqs, noise=noise))
+        row[p] = s.makespan_s
+        row[f"{p} hit rate"] = s.prefix_hit_rate
+        if p == "hybrid":
+            row["hybrid_plan"] = sch.info["plan"].method
+    base = [p for p in policies if p != "hybrid"]
+    row["best_baseline"] = min(base, key=lambda p: row[p])
+    row["hybrid_vs_best_baseline"] = row["hybrid"] / row[row["best_baseline"]]
+    row["vllm_over_hybrid"] = row["vllm"] / row["hybrid"]
+    row["hybrid_gap"] = row["hybrid"] / row["bound"] - 1
+    return row
+
+
+def prefix_rows(configs=PREFIX_CONFIGS, workloads=PREFIX_WORKLOADS, progress=None,
+                conditions=tuple(c[0] for c in CONDITIONS)) -> list[dict]:
+    out = []
+    for wl in workloads:
+        for cfg in configs:
+            for cond in conditions:
+                out.append(prefix_row(cfg, wl, cond))
+            if progress:
+                progress(f"  {wl} x {cfg} done")
+    return out
+
+
+def prefix_table(data: list[dict], policies=PREFIX_POLICIES) -> str:
+    base = [p for p in policies if p != "hybrid"]
+    lines = ["| config | workload | condition | " + " | ".join(base)
+             + " | hybrid | best baseline / hybrid | vllm / hybrid | bound | hybrid's gap |",
+             "|---|---|---|" + "---:|" * (len(base) + 5)]
+    for r in data:
+        cells = [f"{r[p]:.2f} ({100 * r[p + ' hit rate']:.0f} %)" for p in base]
+        lines.append(f"| {r['config']} | {r['workload']} | {r['condition_label']} | " + " | ".join(cells)
+                     + f" | {r['hybrid']:.2f} ({100 * r['hybrid hit rate']:.0f} %, {r['hybrid_plan']}) | "
+                     f"{1 / r['hybrid_vs_best_baseline']:.2f} x ({r['best_baseline']}) | {r['vllm_over_hybrid']:.2f} x | "
+                     f"{r['bound']:.2f} | {100 * r['hybrid_gap']:.0f} % |")
+    return "\n".join(lines)
+
+
 def rows(configs=CONFIGS, workloads=WORKLOADS, policies=POLICIES, plan_opts: dict | None = None,
          progress=None, conditions=tuple(c[0] for c in CONDITIONS)) -> list[dict]:
     out = []
@@ -173,11 +241,15 @@ def main(out: str | None = None) -> list[dict]:
 
     line = PhaseLine("bench baselines", quiet_s=0.0)
     data = rows(progress=lambda text: line(text.strip()))
+    prefix = prefix_rows(progress=lambda text: line(text.strip()))
     line.close()
     print(table(data))
+    print()
+    print("Prefix workloads (makespan s, prefix hit rate):")
+    print(prefix_table(prefix))
     if out:
-        write_json(out, data)
-    return data
+        write_json(out, data + prefix)
+    return data + prefix
 
 
 if __name__ == "__main__":

@@ -455,6 +455,12 @@ def baselines_table() -> str:
     return bl.table(_baselines())
 
 
+@table("prefix", "scheduling section 8: prefix workloads (document QA, few-shot) with prefix caching, every "
+       "policy, hit rates and the prefix-aware bound", also="hybrid-ray bench baselines")
+def prefix_table() -> str:
+    return bl.prefix_table(bl.prefix_rows())
+
+
 @table("mixed-tasks", "scheduling section 5: the mixed-task batch with a 600-request pilot history, learned "
        "lengths and cost noise 0.05, every bundled GPU config")
 def mixed_tasks_table() -> str:

@@ -94,28 +94,104 @@ def iteration_floor(g: ReplicaGroupSpec) -> tuple[float, float]:
     return m, rho
 
 
-def _terms(g: ReplicaGroupSpec, p: np.ndarray, o: np.ndarray) -> _Terms:
+def _terms(g: ReplicaGroupSpec, p: np.ndarray, o: np.ndarray, pf: np.ndarray | None = None,
+           pr: np.ndarray | None = None) -> _Terms:
+    """``pf``: the prompt tokens a first prefill must compute (less what another request's prompt
+    may have cached: ``_PrefixSharing``), which also bound the KV a request holds alone; ``pr``:
+    what a recompute must compute of the prompt (less its own cacheable blocks). Both ``p`` without
+    prefix caching. Decode contexts always count the whole prompt (attention reads it all)."""
     pc, dc = g.cost_model.prefill, g.cost_model.decode
     m, rho = iteration_floor(g)
     a, b = dc.per_seq_s, dc.per_ctx_token_s
+    pf = p if pf is None else pf
+    pr = p if pr is None else pr
     steps = np.maximum(o - 1, 0)
     tot = steps * p + steps * (steps + 1) / 2.0            # contexts P+1 .. P+steps
-    if rho <= b:
-        lin = rho * tot
-    else:                                                  # rho*c is the smaller for c <= a/(rho-b)
-        k = np.floor(a / (rho - b))
-        low = np.clip(k - p, 0, steps)
-        s1 = low * p + low * (low + 1) / 2.0
-        lin = rho * s1 + a * (steps - low) + b * (tot - s1)
+    if pr is p:
+        if rho <= b:
+            lin = rho * tot
+        else:                                              # rho*c is the smaller for c <= a/(rho-b)
+            k = np.floor(a / (rho - b))
+            low = np.clip(k - p, 0, steps)
+            s1 = low * p + low * (low + 1) / 2.0
+            lin = rho * s1 + a * (steps - low) + b * (tot - s1)
+    else:
+        lin = _cached_lin(pc.per_token_sq_s, rho, a, b, p, pr, steps, tot)
     batch = float(min(g.max_batch_size, g.kv_capacity_tokens))
-    y = pc.per_token_s * p + pc.per_token_sq_s * p * p + pc.base_s / batch
-    kv = o * p + o * (o - 1) / 2.0
-    pre = rho * p + pc.per_token_sq_s * p * p
-    pre_full = pc.per_token_s * p + pc.per_token_sq_s * p * p
+    attn = pf * pf if pf is p else pf * (2.0 * (p - pf) + pf)    # a continuation after the cached prefix
+    y = pc.per_token_s * pf + pc.per_token_sq_s * attn + pc.base_s / batch
+    kv = o * pf + o * (o - 1) / 2.0
+    pre = rho * pf + pc.per_token_sq_s * attn
+    pre_full = pc.per_token_s * pf + pc.per_token_sq_s * attn
     return _Terms(lin, y, pre, pre_full, kv, o, m, min(pc.base_s, m), batch, float(g.kv_capacity_tokens))
 
 
-def _chain(g: ReplicaGroupSpec, t: _Terms, p: np.ndarray, o: np.ndarray) -> np.ndarray:
+def _cached_lin(sq: float, rho: float, a: float, b: float, p: np.ndarray, pr: np.ndarray, steps: np.ndarray,
+                tot: np.ndarray) -> np.ndarray:
+    """lin' with prefix caching: the j-th later token of a request costs at least the least of a
+    decode step's share at context P + j, ``a + b (P + j)``, and a recompute after its own cached
+    prompt (``c = P - P_r`` tokens), which computes ``n = P_r + j`` tokens with attention
+    ``n (2c + n)``: ``rho n + sq n (2c + n)``. Their difference is convex in n with one root n+ >= 0
+    (the constant term is ``-(a + b c) <= 0``), so the recompute is the lesser exactly for
+    ``n <= n+``: the first ``low`` tokens, summed in closed form."""
+    c = p - pr
+    lin_b = rho + 2.0 * sq * c - b                          # r - d = sq n^2 + lin_b n - (a + b c)
+    k0 = a + b * c
+    if sq > 0.0:
+        root = (-lin_b + np.sqrt(lin_b * lin_b + 4.0 * sq * k0)) / (2.0 * sq)
+    elif rho > b:
+        root = np.where(lin_b > 0, k0 / np.where(lin_b > 0, lin_b, 1.0), np.inf)
+    else:
+        root = np.full_like(p, np.inf)
+    low = np.clip(np.floor(root - pr), 0, steps)
+    tri = low * (low + 1) / 2.0
+    n1 = low * pr + tri                                     # sum of n = P_r + 1 .. P_r + low
+
+    def s2(x: np.ndarray) -> np.ndarray:
+        return x * (x + 1) * (2 * x + 1) / 6.0
+    n2 = s2(pr + low) - s2(pr)
+    return (rho + 2.0 * sq * c) * n1 + sq * n2 + a * (steps - low) + b * (tot - low * p - tri)
+
+
+@dataclass(frozen=True, slots=True)
+class _PrefixSharing:
+    """What prefix caching (a group's ``prefix_caching``, requests' ``hash_ids``) lets a schedule skip,
+    on one group's block size. A request's first prefill can hit only blocks another request's
+    prompt also holds (``first``: its prompt less its leading shared blocks, at least the last
+    token, as the engine computes it); a recompute can also hit its own prompt's blocks, cached by
+    its first prefill (``recompute``); and each distinct shared block is computed at least once in
+    the cluster (``shared_tokens``). Only prompt blocks are cached (``replica.py``)."""
+
+    first: np.ndarray
+    recompute: np.ndarray
+    shared_tokens: float
+
+
+def _sharing(g: ReplicaGroupSpec, requests: list[Request], p: np.ndarray) -> _PrefixSharing | None:
+    if not g.prefix_caching or not any(q.hash_ids for q in requests):
+        return None
+    from ..prefix_cache import block_keys
+
+    bs = g.block_size
+    keys = [block_keys(q.hash_ids, q.prompt_tokens, bs) for q in requests]
+    seen: dict[int, int] = {}
+    for ks in keys:
+        for k in ks:
+            seen[k] = seen.get(k, 0) + 1
+    first, own = p.copy(), p.copy()
+    shared: set[int] = set()
+    for i, ks in enumerate(keys):
+        limit = min(len(ks), (int(p[i]) - 1) // bs)          # the last token is always computed
+        own[i] = p[i] - limit * bs
+        d = 0
+        while d < limit and seen[ks[d]] > 1:
+            d += 1
+        first[i] = p[i] - d * bs
+        shared.update(ks[:d])
+    return _PrefixSharing(first, own, float(len(shared) * bs))
+
+
+def _chain(g: ReplicaGroupSpec, t: _Terms, p: np.ndarray, o: np.ndarray, pf: np.ndarray | None = None) -> np.ndarray:
     """Request alone on a replica of g: its prefill (chunks only add floors and bases), then each
     later token by a decode step of one at its context, or a recompute prefill alone.
 
@@ -127,10 +203,12 @@ def _chain(g: ReplicaGroupSpec, t: _Terms, p: np.ndarray, o: np.ndarray) -> np.n
     pc, dc = g.cost_model.prefill, g.cost_model.decode
     steps = np.maximum(o - 1, 0)
     ctx = steps * p + steps * (steps + 1) / 2.0
-    pre = np.maximum(pc.floor_s, pc.base_s + pc.per_token_s * p) + pc.per_token_sq_s * p * p
+    first = p if pf is None else pf                   # its prefix may come from another's prompt
+    pre = np.maximum(pc.floor_s, pc.base_s + pc.per_token_s * first) + pc.per_token_sq_s * first * first
     big = max(pc.floor_s, pc.base_s)
     c1 = (big - pc.base_s) / pc.per_token_s if pc.per_token_s > 0 else np.inf
-    recompute_dearer = (pc.per_token_s >= dc.per_ctx_token_s and np.isfinite(c1)
+    # with prefix caching a recompute skips its own cached prompt: not dearer than a decode step
+    recompute_dearer = (pf is None and pc.per_token_s >= dc.per_ctx_token_s and np.isfinite(c1)
                         and big >= dc.base_s + dc.per_seq_s + dc.per_ctx_token_s * c1)
     if recompute_dearer:
         return pre + steps * (dc.base_s + dc.per_seq_s) + dc.per_ctx_token_s * ctx
@@ -154,22 +232,32 @@ def lower_bound(cluster: ClusterSpec, requests: list[Request], thorough: bool = 
         return LowerBound(0.0, 0.0, 0.0, "")
     p, o, a = _arrays(requests)
     a = a - a.min()
-    terms = [_terms(g, p, o) for g in cluster.groups]
-    chains = [_chain(g, t, p, o) for g, t in zip(cluster.groups, terms)]
+    sharing = [_sharing(g, requests, p) for g in cluster.groups]
+    terms = [_terms(g, p, o, sh.first, sh.recompute) if sh else _terms(g, p, o)
+             for g, sh in zip(cluster.groups, sharing)]
+    chains = [_chain(g, t, p, o, sh.first if sh else None) for g, t, sh in zip(cluster.groups, terms, sharing)]
     chain = np.min(chains, axis=0)
     ends = a + chain
     k = int(np.argmax(ends))
     chain_s = float(ends[k])
     works = [np.min([t.lin + w(t) for t in terms], axis=0) for w in _WORK_TERMS]
     work_s = max(_work_bound(a, w, cluster.num_replicas) for w in works)
+    prefixed = any(sh is not None for sh in sharing)
+    if prefixed:
+        # each distinct shared block is computed once at least, at the cheapest group's token price
+        once = min((iteration_floor(g)[1] * sh.shared_tokens if sh else 0.0)
+                   for g, sh in zip(cluster.groups, sharing))
+        works_sum = max(float(w.sum()) for w in works)
+        work_s = max(work_s, (works_sum + once) / cluster.num_replicas + float(a.min()))
     steps_s = _steps_bound(cluster, terms, o)
     most = min(len(p), int(max(t.batch for t in terms)))
-    p_small = np.partition(p, most - 1)[:most]          # the smallest prompts: any replica's first batch
+    pmin = np.min([sh.first if sh else p for sh in sharing], axis=0) if prefixed else p
+    p_small = np.partition(pmin, most - 1)[:most]       # the smallest prompts: any replica's first batch
     ramps = [[_ramp(g, p_small, float(o.min()), lam) if lam is not None else 0.0 for lam in _RAMP_LAMS]
              for g in cluster.groups]
     if len(cluster.groups) == 1:               # every replica that holds a request starts up
         work_s = max(work_s, max(float(w.sum()) / cluster.num_replicas + r for w, r in zip(works, ramps[0])))
-    elif lp:
+    elif lp and not prefixed:                 # (the LPs merge requests by (prompt, output) alone)
         # the LP rows subtract each replica's start-up from its T; valid when no schedule ends
         # before a start-up (the bound without them already says so)
         if max(map(max, ramps)) > max(chain_s, work_s, steps_s):
