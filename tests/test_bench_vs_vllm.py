@@ -125,7 +125,7 @@ def test_engine_limits_match_what_hybrid_ray_gives_vllm():
     assert lim["max_num_seqs"] == 8
     assert lim["max_num_batched_tokens"] == max(2048 + 8, 2048)
     assert lim["num_gpu_blocks_override"] == math.ceil((2048 + 8 * 16) / 16)
-    assert lim["enable_prefix_caching"] is False
+    assert "enable_prefix_caching" not in lim              # vLLM's default (on), as every system runs
 
 
 def test_run_batch_arguments():
@@ -145,3 +145,14 @@ def test_ignore_eos_lines(tmp_path):
     assert "ignore_eos" not in vs.make_batch_lines(["q"])[0]["body"]
     batch = read_batch(vs.write_jsonl(tmp_path / "b.jsonl", lines))
     assert not batch.errors and batch.requests[0].output_tokens == 16
+
+
+def test_a_shared_system_prompt_heads_every_line_and_limits_keep_prefix_caching_on():
+    sysp = vs.shared_system_prompt(200)
+    assert len(sysp.split()) >= 200 and sysp == vs.shared_system_prompt(200)
+    lines = vs.make_batch_lines(["a", "b"], system=sysp)
+    assert [ln["body"]["messages"][0] for ln in lines] == [{"role": "system", "content": sysp}] * 2
+    assert [ln["body"]["messages"][1]["content"] for ln in lines] == ["a", "b"]
+    assert "enable_prefix_caching" not in vs.engine_limits("cpu_vllm")          # vLLM's default: on
+    o = vs.parse_args(["--model", "M"])
+    assert "--no-enable-prefix-caching" not in vs.run_batch_args(o, "in", "out", vs.engine_limits("cpu_vllm"))

@@ -88,14 +88,29 @@ def load_questions(path: str | Path, n: int) -> list[str]:
 
 
 def make_batch_lines(questions: Iterable[str], max_tokens: int = DEFAULT_MAX_TOKENS, model: str = MODEL_NAME,
-                     seed: int = 0, prefix: str = "gsm8k-", ignore_eos: bool = False) -> list[dict]:
+                     seed: int = 0, prefix: str = "gsm8k-", ignore_eos: bool = False,
+                     system: str | None = None) -> list[dict]:
     """One greedy ``/v1/chat/completions`` line per question (custom_id ``gsm8k-<i>``); ``ignore_eos``
-    (vLLM's extension of the body) makes every line generate exactly ``max_tokens``."""
+    (vLLM's extension of the body) makes every line generate exactly ``max_tokens``; ``system``: a
+    system message every line shares (a prefix vLLM's prefix cache reuses)."""
     extra = {"ignore_eos": True} if ignore_eos else {}
+    head = [{"role": "system", "content": system}] if system else []
     return [{"custom_id": f"{prefix}{i}", "method": "POST", "url": "/v1/chat/completions",
-             "body": {"model": model, "messages": [{"role": "user", "content": q}], "max_tokens": max_tokens,
+             "body": {"model": model, "messages": head + [{"role": "user", "content": q}], "max_tokens": max_tokens,
                       "temperature": 0.0, "seed": seed, **extra}}
             for i, q in enumerate(questions)]
+
+
+def shared_system_prompt(words: int, seed: int = 0) -> str:
+    """A long system prompt of ``words`` words drawn from the GSM8K vocabulary (seeded): the shared
+    prefix of a batch that shows what prefix caching saves."""
+    import random
+
+    from ..mixed_tasks import _gsm8k
+
+    vocab = _gsm8k()[2]
+    rng = random.Random(seed)
+    return "You are a careful math tutor. " + " ".join(rng.choice(vocab) for _ in range(words))
 
 
 def write_jsonl(path: str | Path, objs: Iterable[dict]) -> Path:
@@ -244,8 +259,8 @@ def engine_limits(config: str) -> dict[str, Any]:
     block = 16                                        # vLLM's CPU block size
     return dict(max_num_seqs=g.max_batch_size,
                 max_num_batched_tokens=max(g.max_batched_tokens + g.max_batch_size, g.kv_capacity_tokens),
-                num_gpu_blocks_override=-(-(g.kv_capacity_tokens + g.max_batch_size * block) // block),
-                enable_prefix_caching=False)
+                num_gpu_blocks_override=-(-(g.kv_capacity_tokens + g.max_batch_size * block) // block))
+    # prefix caching stays at vLLM's default (on) in every system, hybrid-ray's engine included
 
 
 def cpu_of(k: int) -> str:
@@ -451,7 +466,7 @@ def run_batch_args(o: argparse.Namespace, part: str, out: str, limits: dict, ser
     if not o.run_batch_defaults:
         args += ["--max-num-seqs", str(limits["max_num_seqs"]),
                  "--max-num-batched-tokens", str(limits["max_num_batched_tokens"]),
-                 "--num-gpu-blocks-override", str(limits["num_gpu_blocks_override"]), "--no-enable-prefix-caching"]
+                 "--num-gpu-blocks-override", str(limits["num_gpu_blocks_override"])]
     return args
 
 
@@ -621,6 +636,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", default=str(root / "cluster_configs" / "cpu_vllm.yaml"),
                    help="cluster YAML whose first group's limits every system gets (default cpu_vllm.yaml)")
     p.add_argument("--input", default=None, help="an OpenAI chat batch file instead of GSM8K")
+    p.add_argument("--system-words", type=int, default=0, help="GSM8K lines share a system prompt of this many "
+                   "words (default 0: none); prefix caching, on in every system as in vLLM, reuses it")
     p.add_argument("--questions", default=None, help="GSM8K test.jsonl (default ../shared/data/gsm8k/test.jsonl)")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="max_tokens per line (default 128)")
     p.add_argument("--max-model-len", type=int, default=1024)
@@ -666,7 +683,8 @@ def main(argv: list[str] | None = None) -> dict:
         qp = questions_path(o.questions)
         if qp is None:
             raise SystemExit("GSM8K question text not found: pass --questions PATH/test.jsonl or --input FILE")
-        lines = make_batch_lines(load_questions(qp, o.n), o.max_tokens, ignore_eos=o.ignore_eos)
+        lines = make_batch_lines(load_questions(qp, o.n), o.max_tokens, ignore_eos=o.ignore_eos,
+                                 system=shared_system_prompt(o.system_words) if o.system_words > 0 else None)
     write_jsonl(batch, lines)
     print(f"{len(lines)} chat lines -> {batch}; model {o.model}; {o.replicas} replicas, one core each; "
           f"limits {engine_limits(config)}", flush=True)
