@@ -25,6 +25,12 @@ none); else an estimate of ``ceil(characters / 4)`` (about 4 characters per toke
 with BPE tokenizers of the GPT / LLaMA families), and for chat ``4 + ceil(characters / 4)`` per
 message (the 4 covers the role and the chat template's separators).
 
+Shared prefixes: a line whose prompt token ids are known (a real engine's model encoded it, or the
+body gives ``prompt_token_ids`` / a token-id ``prompt``) carries ``hash_ids`` computed from them
+(``payload.prompt_hash_ids``: one chained id per 512-token block, the public prefix-trace form), so
+the simulator's prefix cache and the planner see which lines share a system prompt or a document.
+A text line counted without its ids has none.
+
 Output tokens: the engine generates up to ``max_tokens`` (chat: ``max_completion_tokens``, else
 ``max_tokens``); absent, 16 for ``/v1/completions`` (OpenAI's default) and 256 for chat (ours:
 OpenAI's is "up to the context length"). The emulated engine and the simulator generate exactly
@@ -38,9 +44,11 @@ extensions is an ``invalid_request`` line (``logprobs``, ``tools``, ``response_f
 
 Output: one line per input line, in the OpenAI batch output format (``id``, ``custom_id``,
 ``response`` with ``status_code``, ``request_id``, ``body``; or ``error`` with ``code``, ``message``
-and the input ``line``); success lines also carry our timing in a top-level ``"hybrid_ray"``
-object. Lines are appended as requests finish and the file is put in input order when the run
-ends (``BatchInput.output_format().finalize``), as ``vllm run_batch`` writes it.
+and the input ``line``); ``usage.prompt_tokens_details.cached_tokens`` is the prompt tokens the
+prefix cache served (vLLM's OpenAI server's field; ``format_success``); success lines also carry
+our timing in a top-level ``"hybrid_ray"`` object. Lines are appended as requests finish and the
+file is put in input order when the run ends (``BatchInput.output_format().finalize``), as
+``vllm run_batch`` writes it.
 
 This module is an adapter: the runtime and the driver use it through ``results.OutputFormat`` and
 it imports neither them nor Ray. See docs/openai_batch.md.
@@ -59,7 +67,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import RuntimeSetupError, WorkloadError, one_line
-from .payload import LENGTH, STOP, Payload, SamplingSpec
+from .payload import LENGTH, STOP, Payload, SamplingSpec, prompt_hash_ids
 from .promptinfo import PromptInfo, prompt_info
 from .results import (CompletionRecord, ErrorLine, OutputFormat, ResultsError, ResultsFile, ResultsWriter,
                       read_results, replace_file)
@@ -380,6 +388,16 @@ def estimate_tokens(text: str) -> int:
     return math.ceil(len(text) / CHARS_PER_TOKEN)
 
 
+def _prompt_ids(url: str, body: dict) -> list[int] | None:
+    """The prompt's token ids where the line gives them (validated body): ``prompt_token_ids``, or a
+    ``/v1/completions`` prompt given as ids."""
+    ids = body.get("prompt_token_ids")
+    if ids is None and url == COMPLETIONS_URL:
+        prompt = _completion_prompt(body)
+        ids = None if isinstance(prompt, str) else prompt
+    return ids
+
+
 def _prompt_tokens(url: str, body: dict, tokenizer: Tokenizer | None) -> tuple[int, str]:
     """(prompt tokens, source); sources in priority order, see the module docstring."""
     ids = body.get("prompt_token_ids")
@@ -505,7 +523,9 @@ def parse_line(text: str, line_no: int, tokenizer: Tokenizer | None = None,
         sampling = _sampling(body, bound)
         if encoder is None:
             prompt, source = _prompt_tokens(url, body, tokenizer)
-            req = Request(cid, prompt, output, 0.0, info=_prompt_info(url, body, model or "", bound))
+            ids = _prompt_ids(url, body) if source == "prompt_token_ids" else None
+            req = Request(cid, prompt, output, 0.0, info=_prompt_info(url, body, model or "", bound),
+                          hash_ids=prompt_hash_ids(ids) if ids else None)
         else:
             ids = _model_prompt(url, body, encoder)
             info = _prompt_info(url, body, model or "", bound)
@@ -517,7 +537,8 @@ def parse_line(text: str, line_no: int, tokenizer: Tokenizer | None = None,
             if ctx is not None:
                 bound = min(bound, ctx - len(ids))
             payload = Payload(tuple(ids), replace(sampling, max_tokens=bound), group=model or "")
-            req, source = Request(cid, len(ids), bound, 0.0, payload, replace(info, max_tokens=bound)), "model"
+            req, source = Request(cid, len(ids), bound, 0.0, payload, replace(info, max_tokens=bound),
+                                  prompt_hash_ids(ids)), "model"
     except _LineError as exc:
         return BatchLineError(cid, line_no, exc.code, f"line {line_no}: {exc}")
     return BatchLine(cid, line_no, url, model or DEFAULT_MODEL, bound, req, source)
@@ -705,7 +726,11 @@ def format_success(record: CompletionRecord, custom_id: str | None = None, *, ur
     stop string; "length": max_tokens). The emulated engine produces no text: ``text`` /
     ``message.content`` is "", and ``finish_reason`` is "length" when the output reached
     ``max_tokens`` (always, for the emulator), else "stop". ``usage.completion_tokens`` is the
-    tokens generated. Ids are stable hashes of the custom_id; ``created`` is the Unix time of writing.
+    tokens generated. ``usage.prompt_tokens_details.cached_tokens`` is the prompt tokens found in the
+    prefix cache (vLLM's ``num_cached_tokens``; its OpenAI server's field, there with
+    ``--enable-prompt-tokens-details``): on every line of a real engine (0 included, as vLLM reports
+    it), and where the emulated engine or the simulator modelled a hit. Ids are stable hashes of the
+    custom_id; ``created`` is the Unix time of writing.
     """
     cid = record.id if custom_id is None else custom_id
     h = _hash(cid)
@@ -718,10 +743,12 @@ def format_success(record: CompletionRecord, custom_id: str | None = None, *, ur
     else:
         obj, body_id = "text_completion", f"cmpl-{h}"
         choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+    usage: dict[str, Any] = {"prompt_tokens": record.prompt_tokens, "completion_tokens": record.output_tokens,
+                             "total_tokens": record.prompt_tokens + record.output_tokens}
+    if record.cached_tokens or record.text is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": record.cached_tokens}
     body = {"id": body_id, "object": obj, "created": int(time.time()) if created is None else created,
-            "model": model, "choices": [choice],
-            "usage": {"prompt_tokens": record.prompt_tokens, "completion_tokens": record.output_tokens,
-                      "total_tokens": record.prompt_tokens + record.output_tokens}}
+            "model": model, "choices": [choice], "usage": usage}
     return {"id": f"batch_req_{h}", "custom_id": cid,
             "response": {"status_code": 200, "request_id": f"req_{h}", "body": body},
             "error": None,
@@ -767,12 +794,13 @@ def parse_output_line(obj: dict, where: str) -> CompletionRecord | ErrorLine | N
     msg = choice.get("message") if isinstance(choice.get("message"), dict) else {}
     text = choice.get("text", msg.get("content"))
     finish = choice.get("finish_reason")
+    details = usage.get("prompt_tokens_details") if isinstance(usage.get("prompt_tokens_details"), dict) else {}
     try:
         rec = CompletionRecord(cid, str(ext.get("replica", "")), float(ext.get("arrival_s", 0.0)),
                                float(ext.get("first_token_s", 0.0)), float(ext.get("finish_s", 0.0)),
                                int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
                                int(ext.get("preemptions", 0)), text if isinstance(text, str) else None,
-                               finish if isinstance(finish, str) else None)
+                               finish if isinstance(finish, str) else None, int(details.get("cached_tokens") or 0))
     except (TypeError, ValueError) as e:
         raise ResultsError(f"{where}: bad value ({e})") from None
     if not all(math.isfinite(x) for x in (rec.arrival_s, rec.first_token_s, rec.finish_s)):

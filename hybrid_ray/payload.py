@@ -5,10 +5,18 @@ A ``Request`` scheduled on emulated replicas is only token counts. One that a re
 token ids (the model's own tokenizer and chat template already applied) and its sampling
 parameters. The engine returns a ``Completion`` for every sequence it finishes. Both are plain,
 picklable data: they cross Ray actor boundaries with the request.
+
+``prompt_hash_ids`` gives a prompt's token ids the public prefix-trace form the simulator and the
+planner read (``Request.hash_ids``, ``prefix_cache.py``): one id per 512-token block.
 """
 from __future__ import annotations
 
+import hashlib
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from .prefix_cache import HASH_BLOCK_TOKENS
 
 STOP, LENGTH = "stop", "length"          # OpenAI finish reasons
 SAMPLING_EPS = 1e-5                      # vLLM's: a temperature below it samples greedily
@@ -62,3 +70,19 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str = LENGTH           # "stop" (EOS or a stop string) | "length" (max_tokens)
+
+
+def prompt_hash_ids(token_ids: Sequence[int]) -> tuple[int, ...]:
+    """A prompt's ``hash_ids`` from its token ids: one id per ``HASH_BLOCK_TOKENS`` (512) tokens, the last
+    block partial or not, as public prefix traces publish them. Chained, as Mooncake's are: id ``j``
+    hashes id ``j - 1`` and block ``j``'s tokens, so two prompts' ``j``-th ids agree exactly when their
+    tokens agree up to the end of block ``j`` (a partial last block: only an equal one). Ids are
+    63-bit non-negative integers (BLAKE2b), the same in every process and run."""
+    out: list[int] = []
+    prev = b""
+    for i in range(0, len(token_ids), HASH_BLOCK_TOKENS):
+        block = array("q", token_ids[i:i + HASH_BLOCK_TOKENS])
+        digest = hashlib.blake2b(prev + block.tobytes(), digest_size=8).digest()
+        out.append(int.from_bytes(digest, "big") >> 1)
+        prev = digest
+    return tuple(out)

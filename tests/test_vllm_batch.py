@@ -8,7 +8,10 @@ token count and finish_reason. Besides greedy lines, the batch holds seeded samp
 0.8: two seeds differ, one seed repeats), ``top_p``, presence / frequency penalties, stop strings,
 and chat lines sharing a long system prompt, long enough that the hybrid policy's mixed insertions
 would split them: on CPU vLLM cannot split a seeded prefill (its generator takes no offset), so
-those are prefilled whole (``ReplicaState.whole_seeded``). Runs where vLLM imports (CI's vLLM step).
+those are prefilled whole (``ReplicaState.whole_seeded``). Prefix caching is on, as vLLM's default:
+a dozen more chat lines share a ~440-token system prompt, and the output must report vLLM's cache
+hits (``usage.prompt_tokens_details.cached_tokens``) for more than half of their prompt tokens, as
+the run's summary must. Runs where vLLM imports (CI's vLLM step).
 """
 from __future__ import annotations
 
@@ -93,6 +96,24 @@ def sampled_lines() -> list[dict]:
     return lines
 
 
+def shared_prompt_lines(n: int = 12) -> list[dict]:
+    """Chat lines sharing a ~440-token system prompt (three full 128-token vLLM blocks on CPU), greedy
+    and seeded, each with its own short question."""
+    from hybrid_ray.workload import load_gsm8k_questions
+
+    qs = load_gsm8k_questions(80)
+    system = " ".join(qs[60:64])
+    lines = []
+    for k in range(n):
+        body = {"model": "tiny", "max_tokens": 24, "temperature": 0.8 if k % 4 == 1 else 0.0,
+                "messages": [{"role": "system", "content": system}, {"role": "user", "content": qs[k][:80]}]}
+        if k % 4 == 1:
+            body["seed"] = 7 + k
+        lines.append({"custom_id": f"chat-shared-{k}", "method": "POST", "url": "/v1/chat/completions",
+                      "body": body})
+    return lines
+
+
 def reference(model_dir: str, lines: list[dict]) -> dict[str, tuple[str, int, str]]:
     """vLLM's own answers: LLM.generate for completions, LLM.chat for chat lines."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -114,7 +135,7 @@ def reference(model_dir: str, lines: list[dict]) -> dict[str, tuple[str, int, st
 
 
 def test_batch_file_through_planned_vllm_equals_vllm_generate(tiny_model_dir, tmp_path, capsys):
-    lines = batch_lines() + sampled_lines()
+    lines = batch_lines() + sampled_lines() + shared_prompt_lines()
     inp, out, cfg, js = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "cfg.yaml", tmp_path / "run.json"
     inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
     cfg.write_text(CONFIG)
@@ -128,11 +149,16 @@ def test_batch_file_through_planned_vllm_equals_vllm_generate(tiny_model_dir, tm
     assert summary["preemptions"] > 0, summary            # the small KV made the policy preempt
     assert summary["moves"] > 0, summary                  # the controller moved queued requests
     assert summary["requeued"] == 0 and summary["line_errors"] == 0, summary   # no engine step failed
+    assert summary["iterations"] > 0, summary            # the replicas' states came back (no engine in them)
     want = reference(str(tiny_model_dir), lines)
     reasons = set()
     mine = {}
+    cached = {}
     for g in got:
         body = g["response"]["body"]
+        usage = body["usage"]
+        cached[g["custom_id"]] = (usage["prompt_tokens_details"]["cached_tokens"], usage["prompt_tokens"])
+        assert 0 <= cached[g["custom_id"]][0] < usage["prompt_tokens"]      # the last token is computed
         choice = body["choices"][0]
         text = choice["message"]["content"] if g["custom_id"].startswith("chat") else choice["text"]
         mine[g["custom_id"]] = (text, body["usage"]["completion_tokens"], choice["finish_reason"])
@@ -143,3 +169,10 @@ def test_batch_file_through_planned_vllm_equals_vllm_generate(tiny_model_dir, tm
     assert mine["seed-11"] == mine["seed-11-again"]       # ... and only the seed
     assert mine["stop"][2] == "stop" and "ou" not in mine["stop"][0]                 # cut before the stop string
     assert mine["seed-11"][0].startswith(mine["stop-seed"][0])                        # same seed, cut earlier
+    # prefix caching: the shared system prompt came from vLLM's cache, and the summary counts every hit
+    shared = [c for cid, c in cached.items() if cid.startswith("chat-shared-")]
+    hit, prompt = sum(c for c, _ in shared), sum(p for _, p in shared)
+    assert hit > 0.5 * prompt, shared
+    total = sum(c for c, _ in cached.values())
+    assert summary["cached_prompt_tokens"] == total
+    assert summary["prefix_hit_rate"] == pytest.approx(total / sum(p for _, p in cached.values()))

@@ -7,7 +7,7 @@ time_scale is 1). A real engine reports every sequence it finished in ``completi
 tokens, finish reason); one it stopped before our state's count (EOS, a stop string) is freed by
 the replica (``ReplicaState.finish_early``): the state learns the true length then.
 
-Three optional members (read with ``getattr``):
+Four optional members (read with ``getattr``):
 
 * ``seeded_chunking`` (default True): whether the engine can split a seeded sequence's prefill
   over iterations. vLLM rewinds a seeded request's ``torch.Generator`` after a partial prefill
@@ -17,7 +17,11 @@ Three optional members (read with ``getattr``):
 * ``prefix_caching`` (default False): whether the engine reuses cached prompt prefixes as the
   replica's state models them (``ReplicaState.prefix``); where False the state models no cache
   (``engine_prefix_caching``), so it never skips prompt tokens the engine computes. The emulated
-  engine prices the state's iterations, so it has one; the real engines run with theirs off.
+  engine prices the state's iterations, so it has one.
+* ``prefix_probe`` (default None): an engine with a prefix cache of its own, which the state asks
+  for its hits instead of modelling them (``ReplicaState.prefix_probe``, ``replica.PrefixProbe``):
+  ``VLLMEngine``'s, with vLLM's prefix caching on (vLLM's default; a group's ``prefix_caching:
+  false`` turns it off). The transformers engine caches nothing.
 * ``reset()``: forget every sequence, after ``execute`` raised (the replica restarts them from
   their prompts, ``actors/replica.py``); an engine without it cannot recover from a failed step.
 """
@@ -42,10 +46,12 @@ def whole_seeded_prefill(engine, state: ReplicaState) -> None:
 
 
 def engine_prefix_caching(engine, state: ReplicaState) -> None:
-    """Turn ``state``'s prefix cache off unless ``engine`` reuses prefixes as it models (``prefix_caching``).
+    """Turn ``state``'s prefix cache off unless ``engine`` reuses prefixes as it models (``prefix_caching``);
+    an engine with a cache of its own answers the state's questions about hits (``prefix_probe``).
     Before any sequence is added: a sequence's cache keys are cut when it joins a queue."""
     if not getattr(engine, "prefix_caching", False):
         state.prefix = None
+    state.prefix_probe = getattr(engine, "prefix_probe", None)
 
 
 class Engine(Protocol):

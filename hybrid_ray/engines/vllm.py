@@ -19,6 +19,22 @@ step that prefills only part of its prompt; a CPU generator has no offset and ra
 tries it on its device (``generator_rewinds``) and, where it fails, says so (``seeded_chunking``
 False): the replica's state then prefills seeded sequences whole (``ReplicaState.whole_seeded``).
 
+Prefix caching is on, as vLLM's default (a group's ``prefix_caching: false`` turns it off), and
+vLLM's cache is the truth: ``VLLMPrefixProbe`` is the replica state's ``prefix_probe``. Before a
+policy decides, it tells the state how many leading tokens of a waiting sequence vLLM holds cached
+(``KVCacheManager.get_computed_blocks``, the very lookup vLLM's scheduler admits with); when
+``ReplicaState.begin`` admits sequences it says where vLLM's step will start each prefill: those
+hits, plus the blocks that the step's chunks ahead of it fill (vLLM caches a block as it allocates
+it, so a prompt admitted after another one with the same system prompt, in the same step, hits its
+blocks). It pins the cached blocks it counted (``BlockPool.touch``) until the step, so no
+allocation in the step evicts them, and the plan carries each prefill's start: ``PlannedScheduler``
+cuts vLLM's lookup there (``_get_local_prefix_cache_hit``: a hit it finds beyond the start, which
+the state did not count, is not taken) and checks every scheduled prefill's start. So each prompt
+is computed from exactly the token our state priced, and vLLM's ``num_cached_tokens`` (what its
+OpenAI server reports as ``usage.prompt_tokens_details.cached_tokens``) equals the state's
+``Sequence.cached_tokens``. A count-only request with ``hash_ids`` gets its synthetic prompt from
+its ids, block by block, so that vLLM sees the prefixes its trace shares.
+
 Every request vLLM finishes (EOS, a stop string, max_tokens, the model's context) comes back as a
 ``Completion`` (text, token ids, finish reason); ``ReplicaState.settle`` frees one our state still
 counted as running, which is how the state learns the true output length.
@@ -45,7 +61,8 @@ from typing import Any
 
 from ..config import ReplicaSpec
 from ..payload import Completion, LENGTH, SamplingSpec
-from ..replica import FINISHED, RUNNING, PREFILLING, Iteration, ReplicaState, Sequence
+from ..prefix_cache import HASH_BLOCK_TOKENS
+from ..replica import FINISHED, RUNNING, PREFILLING, WAITING, Iteration, ReplicaState, Sequence
 from .base import EngineResult
 from .transformers import EngineSetupError, StepResult, synthetic_tokens
 
@@ -89,7 +106,21 @@ def prompt_ids(s: Sequence, vocab: int) -> list[int]:
                                    f"it must restart from its prompt")
         return list(p.token_ids)
     # a count-only request that generated tokens elsewhere (moved after a failure) continues from filler
+    if s.req.hash_ids:
+        return hashed_prompt(s.req.hash_ids, s.req.prompt_tokens, vocab) + \
+            synthetic_tokens(s.id, s.generated, vocab)
     return synthetic_tokens(s.id, s.req.prompt_tokens + s.generated, vocab)
+
+
+def hashed_prompt(hash_ids: tuple[int, ...], prompt_tokens: int, vocab: int) -> list[int]:
+    """Synthetic prompt ids for a count-only request with ``hash_ids``: each 512-token block's ids drawn
+    from its id, so prompts whose ids agree share those blocks' tokens (and vLLM's cache); tokens past
+    the ids' blocks are the last id's too."""
+    out: list[int] = []
+    for j, h in enumerate(hash_ids):
+        n = prompt_tokens - len(out) if j == len(hash_ids) - 1 else min(HASH_BLOCK_TOKENS, prompt_tokens - len(out))
+        out += synthetic_tokens(f"hash-{h}", max(n, 0), vocab)
+    return out
 
 
 @contextmanager
@@ -117,6 +148,124 @@ def _cpu_bind(index: int, threads: int | None) -> str:
     return str(first) if first == last else f"{first}-{last}"
 
 
+class VLLMPrefixProbe:
+    """``ReplicaState.prefix_probe`` over vLLM's KV cache (``replica.PrefixProbe``; the module docstring).
+
+    Answers come from ``KVCacheManager.get_computed_blocks``: on vLLM's own ``Request`` for a sequence
+    it holds (a preempted one, whose output tokens vLLM caches too), else on a ``Request`` built from
+    the ids it would be added with (not added: only its block hashes are read). They are memoized until
+    the next step. ``admit`` extends a hit past vLLM's cache over blocks the step's earlier chunks fill
+    (and cached ones after them) only where the lookup is the plain one (a single full-attention KV
+    group, no EAGLE, no context parallelism); elsewhere the hit is vLLM's cache alone, which the plan's
+    start keeps exact all the same.
+    """
+
+    def __init__(self, engine: "VLLMEngine"):
+        from vllm.v1.core.kv_cache_coordinator import UnitaryKVCacheCoordinator
+        from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+        self.engine = engine
+        sch = engine.scheduler
+        self.manager = sch.kv_cache_manager
+        self.pool = self.manager.block_pool
+        self.block_size = sch.block_size
+        self.hasher = engine.llm.engine_core.engine_core.request_block_hasher
+        co = self.manager.coordinator
+        self.plain = (isinstance(co, UnitaryKVCacheCoordinator) and isinstance(co.kv_cache_spec, FullAttentionSpec)
+                      and not co.eagle_group_ids and getattr(co, "dcp_world_size", 1) == 1
+                      and self.pool.hash_block_size == self.block_size)
+        self._probes: dict[str, Any] = {}            # sequence id -> a vLLM Request never added (its hashes)
+        self._memo: dict[str, tuple[int, int]] = {}  # sequence id -> (prefill_target, hit) until the next step
+        self.pins: list[Any] = []                    # blocks held for the next step's admissions
+
+    def hit(self, s: Sequence) -> int:
+        m = self._memo.get(s.id)
+        if m is not None and m[0] == s.prefill_target:
+            return m[1]
+        req = self._request(s)
+        n = 0 if req is None else self.manager.get_computed_blocks(req)[1]
+        self._memo[s.id] = (s.prefill_target, n)
+        return n
+
+    def admit(self, chunks: list[tuple[Sequence, int]]) -> list[int]:
+        self.release()
+        bs = self.block_size
+        # vLLM schedules the requests it runs (our prefilling ones) before it admits waiting ones
+        pending: set = set()
+        if self.plain:
+            held = self.engine.scheduler.requests
+            for s, end in chunks:
+                req = held.get(self.engine.vid.get(s.id, ""))
+                if s.status != WAITING and req is not None:
+                    pending.update(req.block_hashes[:end // bs])
+        out: list[int] = []
+        pins: list = []
+        for s, end in chunks:
+            if s.status != WAITING:
+                out.append(-1)
+                continue
+            req = self._request(s)
+            if req is None:
+                out.append(0)
+                continue
+            blocks, n, _ = self.manager.get_computed_blocks(req)
+            for group in blocks.blocks:
+                pins.extend(group)
+            k = n // bs
+            if self.plain:
+                hashes = req.block_hashes
+                limit = min((end - 1) // bs, len(hashes))
+                while k < limit:
+                    h = hashes[k]
+                    if h not in pending:
+                        cached = self.pool.get_cached_block(h, [0])
+                        if cached is None:
+                            break
+                        pins.extend(cached)
+                    k += 1
+                pending.update(hashes[:end // bs])
+            out.append(k * bs)
+        self.pool.touch(pins)
+        self.pins = pins
+        return out
+
+    def release(self) -> None:
+        """Give back the pinned blocks (after the step admitted their requests, or a step that failed)."""
+        if self.pins:
+            pins, self.pins = self.pins, []
+            self.pool.free_blocks(pins)
+
+    def stepped(self) -> None:
+        """vLLM ran a step (or dropped its requests): its cache may have changed."""
+        self.release()
+        self._memo.clear()
+
+    def added(self, sid: str) -> None:
+        self._probes.pop(sid, None)
+
+    def clear(self) -> None:
+        self.stepped()
+        self._probes.clear()
+
+    def _request(self, s: Sequence) -> Any:
+        """vLLM's Request for waiting ``s`` (None: vLLM runs it; it is being preempted, so no hit)."""
+        from vllm.v1.request import Request, RequestStatus
+
+        eng = self.engine
+        rid = eng.vid.get(s.id)
+        if rid is not None:
+            req = eng.scheduler.requests.get(rid)
+            if req is None or req.status == RequestStatus.RUNNING or req.num_computed_tokens:
+                return None
+            return req
+        req = self._probes.get(s.id)
+        if req is None or req.num_tokens != s.prefill_target:
+            req = Request(f"probe-{s.id}", prompt_ids(s, eng.vocab), sampling_params(s), None,
+                          block_hasher=self.hasher)
+            self._probes[s.id] = req
+        return req
+
+
 class VLLMEngine:
     """Engine protocol over a vLLM ``LLMEngine`` whose scheduler is ``PlannedScheduler``."""
 
@@ -135,19 +284,26 @@ class VLLMEngine:
                                    "(VLLMEngine.from_model builds it so)")
         # a seeded prefill may be split over steps only where vLLM can rewind its generator
         self.seeded_chunking = generator_rewinds(str(llm.vllm_config.device_config.device_type or "cpu"))
+        # vLLM's prefix cache, asked by the replica's state (None: caching off)
+        self.prefix_probe: VLLMPrefixProbe | None = \
+            VLLMPrefixProbe(self) if self.scheduler.kv_cache_manager.enable_caching else None
         self.vid: dict[str, str] = {}          # our sequence id -> vLLM request id, while vLLM holds it
         self.held: dict[str, Sequence] = {}    # the sequences vLLM holds
         self.added: list[str] = []             # every add_request, in order (tests, logs)
         self.preempted: list[str] = []
         self.aborted: list[str] = []
-        # with record_steps: (planned, scheduled by vLLM) tokens per sequence id, every step
+        # with record_steps: (planned, scheduled by vLLM) tokens per sequence id, every step; the same
+        # for where each prefill chunk started; vLLM's num_cached_tokens of every request it finished
         self.record_steps = False
         self.steps: list[tuple[dict[str, int], dict[str, int]]] = []
+        self.starts: list[tuple[dict[str, int], dict[str, int]]] = []
+        self.cached: dict[str, int] = {}
 
     @classmethod
     def from_model(cls, model: str, seed: int = 0, dtype: str | None = None, spec: ReplicaSpec | None = None,
                    threads: int | None = None, device: str = "cpu", **engine_args: Any) -> "VLLMEngine":
-        """Build the in-process vLLM engine for one replica (limits from ``spec``'s group)."""
+        """Build the in-process vLLM engine for one replica (limits and ``prefix_caching`` from ``spec``'s
+        group; without one, vLLM's default: prefix caching on)."""
         env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
         if device == "cpu":
             env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", KV_SPACE_GIB)
@@ -163,14 +319,14 @@ class VLLMEngine:
 
         from .vllm_scheduler import PlannedScheduler
 
-        limits: dict[str, Any] = {}
+        limits: dict[str, Any] = {"enable_prefix_caching": True}      # vLLM v1's default
         if spec is not None:
             g = spec.group
-            limits = dict(max_num_seqs=g.max_batch_size,
+            limits = dict(max_num_seqs=g.max_batch_size, enable_prefix_caching=g.prefix_caching,
                           max_num_batched_tokens=max(g.max_batched_tokens + g.max_batch_size, g.kv_capacity_tokens))
         limits.update(engine_args)
         args = EngineArgs(model=model, seed=seed, dtype=dtype or ("float32" if device == "cpu" else "auto"),
-                          enable_prefix_caching=False, enforce_eager=device == "cpu", async_scheduling=False,
+                          enforce_eager=device == "cpu", async_scheduling=False,
                           scheduler_cls=PlannedScheduler, **limits)
         thread = ThreadPoolExecutor(1, thread_name_prefix="vllm-engine")
         llm = thread.submit(LLMEngine.from_engine_args, args).result()
@@ -196,23 +352,34 @@ class VLLMEngine:
     async def execute(self, it: Iteration, state: ReplicaState) -> EngineResult:
         preempt = self._sync(state)
         plan: dict[str, int] = {}
+        starts: dict[str, int] = {}
         for s, n in it.prefill:
             if s.id not in self.vid:
                 self._add(s)
-            plan[self.vid[s.id]] = n
+            rid = self.vid[s.id]
+            plan[rid] = n
+            starts[rid] = s.prefilled - n          # begin moved it past the chunk: the chunk's first token
         if it.decode:
             for s in state.running.values():
                 plan[self.vid[s.id]] = 1
-        self.scheduler.set_plan(plan, preempt)
-        outputs, seconds = await asyncio.get_running_loop().run_in_executor(self.thread, self._timed_step)
+        self.scheduler.set_plan(plan, preempt, starts)
+        try:
+            outputs, seconds = await asyncio.get_running_loop().run_in_executor(self.thread, self._timed_step)
+        finally:
+            if self.prefix_probe is not None:
+                self.prefix_probe.stepped()
         if self.record_steps:
             ours = {rid: sid for sid, rid in self.vid.items()}
             self.steps.append(({ours[r]: n for r, n in plan.items()},
                                {ours[r]: n for r, n in self.scheduler.last_scheduled.items()}))
+            self.starts.append(({ours[r]: n for r, n in starts.items()},
+                                {ours[r]: n for r, n in self.scheduler.last_starts.items()}))
         done: dict[str, Completion] = {}
         for out in outputs:
             if not out.finished or out.request_id not in self.vid:
                 continue
+            if self.record_steps:
+                self.cached[out.request_id] = out.num_cached_tokens or 0
             c = out.outputs[0]
             done[out.request_id] = Completion(list(c.token_ids), c.text or "", c.finish_reason or LENGTH)
             del self.vid[out.request_id]
@@ -231,6 +398,8 @@ class VLLMEngine:
                 self.llm.abort_request(sorted(rids), internal=True)
 
         self.scheduler.clear_plan()
+        if self.prefix_probe is not None:
+            self.prefix_probe.clear()
         self.thread.submit(abort).result()
         self.aborted.extend(self.vid)
         self.vid.clear()
@@ -264,7 +433,7 @@ class VLLMEngine:
         """Prefill chunks ``(key, start, n)`` and decode ``keys`` by one token, exactly; measured."""
         plan = {self.vid[k]: n for k, _, n in prefill}
         plan.update({self.vid[k]: 1 for k in decode})
-        self.scheduler.set_plan(plan)
+        self.scheduler.set_plan(plan, starts={self.vid[k]: start for k, start, _ in prefill})
         outputs, seconds = self.thread.submit(self._timed_step).result()
         res = StepResult(seconds)
         for out in outputs:
@@ -285,6 +454,8 @@ class VLLMEngine:
                                               sampling_params(s))
         self.held[s.id] = s
         self.added.append(s.id)
+        if self.prefix_probe is not None:
+            self.prefix_probe.added(s.id)
 
     def _sync(self, state: ReplicaState) -> list[str]:
         """vLLM request ids to preempt (our state preempted them); abort what our state let go."""

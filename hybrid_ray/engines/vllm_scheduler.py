@@ -7,18 +7,25 @@ sizes, preemptions), so this subclass, set as ``SchedulerConfig.scheduler_cls``,
 policy's iteration into vLLM's schedule while leaving all of vLLM's bookkeeping (KV blocks,
 request states, ``SchedulerOutput`` construction, ``update_from_output``) to vLLM's own code:
 
-* ``set_plan(tokens, preempt)`` before ``LLMEngine.step()``: ``tokens`` maps vLLM request ids to
-  the tokens each computes in this step (a prefill chunk, or 1 for a decoding sequence);
-  ``preempt`` lists running requests to evict (recompute), as our ``ReplicaState`` did.
+* ``set_plan(tokens, preempt, starts)`` before ``LLMEngine.step()``: ``tokens`` maps vLLM request
+  ids to the tokens each computes in this step (a prefill chunk, or 1 for a decoding sequence);
+  ``preempt`` lists running requests to evict (recompute), as our ``ReplicaState`` did; ``starts``
+  says where each prefill chunk starts (a waiting request's: after the prefix-cache hits our state
+  counted, ``engines/vllm.py``'s ``VLLMPrefixProbe``).
 * ``schedule()`` preempts those first, moves the planned waiting requests to the front of the
   waiting queue in plan order, and runs vLLM's ``schedule``. Its per-request cap hook
   (``_reserve_prefill_lookahead``, called on every candidate request just before its tokens are
   fixed) returns the planned count, 0 for requests not in the plan: vLLM skips those (running)
   or stops admitting (waiting, which holds no planned request behind an unplanned one).
-* The result is checked: the ``num_scheduled_tokens`` vLLM built must equal the plan, and vLLM
-  must not have preempted anything on its own; otherwise ``PlanMismatch`` (a bug or a vLLM
-  capacity set below the cluster config's, never silently different iterations). The last
-  step's ``num_scheduled_tokens`` stays in ``last_scheduled`` (the per-step agreement test).
+* Prefix caching: when vLLM admits a waiting request it looks its prompt up in its cache
+  (``_get_local_prefix_cache_hit``); a planned request's hit is cut at its planned start (vLLM may
+  find more: blocks the state did not count, which it then computes again; never less, since the
+  probe pinned the blocks it counted), so the prefill starts exactly where our state priced it.
+* The result is checked: the ``num_scheduled_tokens`` vLLM built must equal the plan, every
+  planned chunk must start at its planned token, and vLLM must not have preempted anything on its
+  own; otherwise ``PlanMismatch`` (a bug or a vLLM capacity set below the cluster config's, never
+  silently different iterations). The last step's ``num_scheduled_tokens`` and chunk starts stay in
+  ``last_scheduled`` and ``last_starts`` (the per-step agreement test).
 
 With no plan set, it is vLLM's scheduler unchanged (vLLM's own warm-up steps).
 Requires vLLM's engine core in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), synchronous
@@ -42,15 +49,19 @@ class PlannedScheduler(Scheduler):
         super().__init__(*args, **kwargs)
         self._plan: dict[str, int] | None = None
         self._preempt: list[str] = []
+        self._starts: dict[str, int] = {}
         self.last_scheduled: dict[str, int] = {}    # num_scheduled_tokens of the last planned step
+        self.last_starts: dict[str, int] = {}       # where its planned prefill chunks started in vLLM
 
-    def set_plan(self, tokens: dict[str, int], preempt: list[str] | tuple[str, ...] = ()) -> None:
+    def set_plan(self, tokens: dict[str, int], preempt: list[str] | tuple[str, ...] = (),
+                 starts: dict[str, int] | None = None) -> None:
         self._plan = dict(tokens)
         self._preempt = list(preempt)
+        self._starts = dict(starts or {})
 
     def clear_plan(self) -> None:
         """Drop a plan a failed step left behind (``VLLMEngine.reset``)."""
-        self._plan, self._preempt = None, []
+        self._plan, self._preempt, self._starts = None, [], {}
 
     # -- vLLM hooks -------------------------------------------------------------------------------
     def _reserve_prefill_lookahead(self, request, num_computed_tokens: int, num_new_tokens: int) -> int:
@@ -58,6 +69,15 @@ class PlannedScheduler(Scheduler):
         if self._plan is None:
             return n
         return min(n, self._plan.get(request.request_id, 0))
+
+    def _get_local_prefix_cache_hit(self, request):
+        blocks, hit, boundary, diverged = super()._get_local_prefix_cache_hit(request)
+        want = self._starts.get(request.request_id) if self._plan is not None else None
+        if want is None or hit <= want:
+            return blocks, hit, boundary, diverged        # less than planned: the start check reports it
+        if want == 0:
+            return self.kv_cache_manager.empty_kv_cache_blocks, 0, 0, False
+        return self.kv_cache_manager.truncate_computed_blocks(blocks, want), want, min(boundary, want), diverged
 
     def schedule(self, *args, **kwargs):
         plan = self._plan
@@ -77,13 +97,23 @@ class PlannedScheduler(Scheduler):
             self.waiting.remove_requests(planned)
             self.waiting.prepend_requests(reversed(planned))
         ours = set(self.reset_preempted_req_ids)       # ours, and any since the last step
-        out = super().schedule(*args, **kwargs)
-        self._plan, self._preempt = None, []
+        starts = self._starts
+        try:
+            out = super().schedule(*args, **kwargs)
+        finally:
+            self._plan, self._preempt, self._starts = None, [], {}
         got = out.num_scheduled_tokens
         if got != plan:
             diff = {rid: (plan.get(rid, 0), got.get(rid, 0)) for rid in set(plan) | set(got)
                     if plan.get(rid, 0) != got.get(rid, 0)}
             raise PlanMismatch(f"vLLM scheduled other tokens than planned (request: (planned, scheduled)): {diff}")
+        # vLLM advanced num_computed_tokens by the scheduled tokens: a chunk started that much earlier
+        began = {rid: self.requests[rid].num_computed_tokens - got[rid] for rid in starts if rid in self.requests}
+        if began != starts:
+            diff = {rid: (s, began.get(rid)) for rid, s in starts.items() if began.get(rid) != s}
+            raise PlanMismatch(f"vLLM started prefill chunks elsewhere than planned (request: (planned, vLLM's "
+                               f"start)): {diff}")
+        self.last_starts = began
         extra = set(out.preempted_req_ids or ()) - ours
         if extra:
             raise PlanMismatch(f"vLLM preempted {sorted(extra)} on its own: its KV cache is smaller than the "
