@@ -22,13 +22,14 @@ from .planner.binpack import deterministic_budget, pack
 from .planner.budget import SIM_ITERATIONS_PER_S, PlanBudget, scaled_budget
 from .planner.bounds import lower_bound
 from .planner.estimate import latency_matrix, work_matrix
-from .planner.prefix import finish_estimates as prefix_finish, grouped_order, prefix_assignment, prefix_groups
+from .planner.prefix import (crowding_groups, finish_estimates as prefix_finish, grouped_order, prefix_assignment,
+                             prefix_items)
 from .planner.plan import METHODS, ORDERS, TAIL_BATCHES, Plan, repair_latency_bound, start_order
 from .planner.refine import refine_assignment
 from .planner.tiered import tiered_assignment
 from .policies.base import PlannedLengths, Scheduler
 from .policies.predict import has_distribution, make_predictor, predict_quantiles, scenario_lengths
-from .schedulers import BUILDERS, initial_batch, needs_plan, plan_bands, plan_dispatch, prefix_plan_applies
+from .schedulers import BUILDERS, initial_batch, needs_plan, plan_bands, plan_dispatch
 from .simulator import DeadlinePassed, simulate
 from .workload import Request
 
@@ -105,10 +106,14 @@ def make_plan(cluster: ClusterSpec, requests: list[Request], predicted_output: n
     speeds = speed_of_group[gidx]
     latency = latency_matrix(cluster, prompt, output)
     span = None if span_output is None else np.maximum(output, np.asarray(span_output, dtype=np.float64))
-    # requests sharing a prompt prefix, where some group caches prefixes
-    # requests sharing a prompt prefix, where some group caches prefixes and the distinct prefixes do
-    # not all fit one replica's cache (else every replica keeps them all, and the usual cuts apply)
-    sharing = prefix_groups(requests) if prefix_plan_applies(cluster, requests) else None
+    # requests sharing a prompt prefix, where the shared prefixes crowd the replicas' caches
+    sharing = crowding_groups(cluster, requests)
+    items: list = []                          # the prefix groups' bin-packing items, cut once
+
+    def prefix_cut() -> tuple[list[np.ndarray], np.ndarray]:
+        if not items:
+            items.append(prefix_items(cluster, prompt, output, sharing))
+        return items[0]
     method_used = method
     if plan_share is not None:        # the budget scales with the batch: its makespan's O(n) estimate, the
         # work on the reference group over the cluster's speed, or the longest request's latency on
@@ -155,7 +160,7 @@ def make_plan(cluster: ClusterSpec, requests: list[Request], predicted_output: n
         order: dict[str, list[str]] = {r.name: [] for r in replicas}
         finish: dict[str, float] = {}
         est = (estimated_finish(cluster, prompt, output, assign, span) if banded else
-               prefix_finish(cluster, prompt, output, sharing, assign) if grouped else None)
+               prefix_finish(cluster, *prefix_cut(), assign) if grouped else None)
         peak = prompt + output                                       # KV a request holds at its end
         for m, r in enumerate(replicas):
             idx = np.flatnonzero(assign == m)
@@ -203,7 +208,7 @@ def make_plan(cluster: ClusterSpec, requests: list[Request], predicted_output: n
     makers: dict[str, Callable[[], Plan]] = {}
     if sharing is not None and dispatch != "bounded":
         # requests sharing a cached prefix packed together (planner.prefix): a candidate like the others
-        makers["prefix"] = lambda: _with(build(prefix_assignment(cluster, prompt, output, sharing)[0], False,
+        makers["prefix"] = lambda: _with(build(prefix_assignment(cluster, *prefix_cut(), len(requests)), False,
                                                grouped=True), start="groups")
     if bands in ("auto", "off") and dispatch != "bounded":
         makers["pack"] = lambda: build(assign, False)

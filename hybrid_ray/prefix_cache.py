@@ -43,6 +43,16 @@ def chain_hashes(hash_ids: Sequence[int]) -> list[int]:
     return out
 
 
+def shared_depths(key_lists: Sequence[Sequence[int]]) -> list[int]:
+    """For each list of chained keys, how many of its leading keys another list holds too: the
+    depth of the prefix it shares (chained keys: a shared key means a shared prefix up to it)."""
+    seen: dict[int, int] = {}
+    for ks in key_lists:
+        for k in ks:
+            seen[k] = seen.get(k, 0) + 1
+    return [sum(1 for _ in takewhile(lambda k: seen[k] > 1, ks)) for ks in key_lists]
+
+
 def block_keys(hash_ids: Sequence[int] | None, prompt_tokens: int, block_size: int) -> tuple[int, ...]:
     """Keys of a prompt's cacheable engine blocks, in order: block ``b`` is full, inside the prompt
     and covered by ``hash_ids`` (the 512-block of its last token has an id). Two prompts share block

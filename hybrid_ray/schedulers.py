@@ -13,7 +13,7 @@ from .config import ClusterSpec
 from .errors import ConfigError
 from .knobs import KNOBS, KnobError, check_policy_knobs
 from .planner.estimate import sequence_work
-from .planner.prefix import prefix_groups, prefixes_crowd
+from .planner.prefix import crowding_groups
 from .policies.base import Scheduler
 from .policies.chunked import ChunkedPrefill
 from .policies.controller import RebalanceController
@@ -159,18 +159,9 @@ def plan_dispatch(policy: str, predictor, cluster: ClusterSpec, requests: list[R
         return "plan"
     if predictor.name == "oracle" or has_distribution(predictor):
         return "auto"
-    if requests is not None and prefix_plan_applies(cluster, requests):
+    if requests is not None and crowding_groups(cluster, requests) is not None:
         return "plan"                 # a group runs where its prefix is cached: late binding would scatter it
     return "bounded" if len(cluster.groups) == 1 else "plan"
-
-
-def prefix_plan_applies(cluster: ClusterSpec, requests: list[Request]) -> bool:
-    """Whether the planner packs prefix groups for this batch: some group caches prefixes and the
-    distinct shared prefixes do not all fit one replica's cache (``planner.prefix.prefixes_crowd``)."""
-    if not any(g.prefix_caching for g in cluster.groups) or not any(q.hash_ids for q in requests):
-        return False
-    groups = prefix_groups(requests)
-    return groups is not None and prefixes_crowd(cluster, groups)
 
 
 def _assignment(cluster: ClusterSpec, plan) -> dict[str, int]:
@@ -216,6 +207,13 @@ def build_hybrid(cluster: ClusterSpec, requests: list[Request], plan=None, predi
         return sequence_work(g.cost_model, g.max_batch_size, g.kv_capacity_tokens, s.req.prompt_tokens,
                              s.predicted_output)
 
+    bounded = plan.info.get("dispatch") == "bounded"
+    if bounded and "max_moves" not in given:
+        # late binding: the central queue already balances, and moving what waits in a replica's
+        # short queue only reshuffles it (GSM8K x paper_llama65b, online lengths, cost noise 0.05,
+        # seeds 0-3: 181.59 / 177.55 / 175.73 / 188.33 s with moves, 179.64 / 177.45 / 174.67 /
+        # 187.32 without)
+        k["max_moves"] = 0
     mult, mixed, horizon, chunk = float(k["multiplier"]), bool(k["allow_mixed"]), int(k["horizon"]), int(k["chunk_tokens"])
     sch = Scheduler("hybrid", PlanRouter(assignment, EarliestFinishRouter(work_of)),
                     lambda r: SortedQueue(LagrangianPolicy(mult, mixed, horizon, chunk, str(k["ramp"]))),
@@ -223,15 +221,10 @@ def build_hybrid(cluster: ClusterSpec, requests: list[Request], plan=None, predi
                                         float(k["rel_threshold"]), int(k["max_moves"]),
                                         keep_plan_profile=bool(plan.info.get("bands"))),
                     predictor=predictor, sort_key=key, rekey=None if k["sort"] == "plan" else key)
-    if plan.info.get("dispatch") == "bounded":
+    if bounded:
         # late binding (planner.plan: kept when its simulated run is faster): Serve's bounded
         # replica queues, 2 x the batch, fed longest predicted first
         limits = {r.index: 2 * r.group.max_batch_size for r in cluster.replicas()}
-        if "max_moves" not in given:
-            # the central queue already balances: moving what waits in a replica's short queue only
-            # reshuffles it (GSM8K x paper_llama65b, online lengths, cost noise 0.05, seeds 0-3:
-            # 181.59 / 177.55 / 175.73 / 188.33 s with moves, 179.64 / 177.45 / 174.67 / 187.32 without)
-            sch.controller.max_moves = 0
         sch.dispatcher = ServeDispatcher(limits, seed=seed, order_key=longest_predicted_first)
     sch.info["plan"] = plan
     return sch

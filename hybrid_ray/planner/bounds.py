@@ -170,22 +170,16 @@ class _PrefixSharing:
 def _sharing(g: ReplicaGroupSpec, requests: list[Request], p: np.ndarray) -> _PrefixSharing | None:
     if not g.prefix_caching or not any(q.hash_ids for q in requests):
         return None
-    from ..prefix_cache import block_keys
+    from ..prefix_cache import block_keys, shared_depths
 
     bs = g.block_size
     keys = [block_keys(q.hash_ids, q.prompt_tokens, bs) for q in requests]
-    seen: dict[int, int] = {}
-    for ks in keys:
-        for k in ks:
-            seen[k] = seen.get(k, 0) + 1
     first, own = p.copy(), p.copy()
     shared: set[int] = set()
-    for i, ks in enumerate(keys):
+    for i, (ks, depth) in enumerate(zip(keys, shared_depths(keys))):
         limit = min(len(ks), (int(p[i]) - 1) // bs)          # the last token is always computed
         own[i] = p[i] - limit * bs
-        d = 0
-        while d < limit and seen[ks[d]] > 1:
-            d += 1
+        d = min(depth, limit)
         first[i] = p[i] - d * bs
         shared.update(ks[:d])
     return _PrefixSharing(first, own, float(len(shared) * bs))

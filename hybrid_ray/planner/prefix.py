@@ -9,8 +9,8 @@ holds its KV. Here a request's group is the deepest prefix of its ``hash_ids`` c
 request shares (``prefix_groups``); a group is a bin-packing item whose prefix costs once per
 replica it lands on; a group larger than ``SPLIT_SHARE`` of a replica's even share is cut into
 chunks (each pays its prefix again: balance needs it); the items are packed longest-first onto the
-replica that would finish them first (``prefix_assignment``), and each replica runs its items one
-after another, each item's requests longest output first (``prefix_order``), so that an item runs
+replica that would finish them first (``prefix_assignment``), and each replica runs its groups one
+after another, each group's requests longest output first (``grouped_order``), so that a group runs
 while its prefix is cached.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import ClusterSpec, ReplicaGroupSpec
-from ..prefix_cache import HASH_BLOCK_TOKENS, chain_hashes
+from ..prefix_cache import HASH_BLOCK_TOKENS, chain_hashes, shared_depths
 from ..workload import Request
 from .estimate import decode_share, prefill_alone
 
@@ -39,21 +39,24 @@ class PrefixGroups:
 def prefix_groups(requests: list[Request]) -> PrefixGroups | None:
     """Each request's deepest ``hash_ids`` prefix that another request shares; None when no two share one."""
     chains = [chain_hashes(q.hash_ids) if q.hash_ids else [] for q in requests]
-    seen: dict[int, int] = {}
-    for ch in chains:
-        for h in ch:
-            seen[h] = seen.get(h, 0) + 1
     ids: dict[int, int] = {}
     group = np.full(len(requests), -1, dtype=np.int64)
     shared = np.zeros(len(requests), dtype=np.float64)
-    for i, (q, ch) in enumerate(zip(requests, chains)):
-        d = 0
-        while d < len(ch) and seen[ch[d]] > 1:
-            d += 1
+    for i, (q, ch, d) in enumerate(zip(requests, chains, shared_depths(chains))):
         if d:
             group[i] = ids.setdefault(ch[d - 1], len(ids))
             shared[i] = min(d * HASH_BLOCK_TOKENS, q.prompt_tokens - 1)
     return PrefixGroups(group, shared, len(ids)) if ids else None
+
+
+def crowding_groups(cluster: ClusterSpec, requests: list[Request]) -> PrefixGroups | None:
+    """The batch's prefix groups where the planner packs them: some group of replicas caches
+    prefixes, and the distinct shared prefixes do not all fit one replica's cache
+    (``prefixes_crowd``; else every replica keeps them all, and the usual cuts apply)."""
+    if not any(g.prefix_caching for g in cluster.groups) or not any(q.hash_ids for q in requests):
+        return None
+    groups = prefix_groups(requests)
+    return groups if groups is not None and prefixes_crowd(cluster, groups) else None
 
 
 def prefixes_crowd(cluster: ClusterSpec, groups: PrefixGroups) -> bool:
@@ -110,24 +113,21 @@ def prefix_items(cluster: ClusterSpec, prompt: np.ndarray, output: np.ndarray, g
     return items, item_work
 
 
-def prefix_assignment(cluster: ClusterSpec, prompt: np.ndarray, output: np.ndarray, groups: PrefixGroups
-                      ) -> tuple[np.ndarray, list[list[np.ndarray]]]:
-    """Replica index per request, and each replica's items in the order it runs them: items longest
-    first, each to the replica that would finish it earliest (list scheduling on the items' work)."""
+def prefix_assignment(cluster: ClusterSpec, items: list[np.ndarray], item_work: np.ndarray,
+                      n: int) -> np.ndarray:
+    """Replica index for each of the ``n`` requests: the items (``prefix_items``) longest first, each
+    to the replica that would finish it earliest (list scheduling on the items' work)."""
     replicas = cluster.replicas()
-    gidx = {g.name: k for k, g in enumerate(cluster.groups)}
-    items, item_work = prefix_items(cluster, prompt, output, groups)
+    gidx = [{g.name: k for k, g in enumerate(cluster.groups)}[r.group.name] for r in replicas]
     order = np.argsort(-item_work.min(axis=0), kind="stable")
     load = np.zeros(len(replicas))
-    assign = np.zeros(len(prompt), dtype=np.int64)
-    runs: list[list[np.ndarray]] = [[] for _ in replicas]
+    assign = np.zeros(n, dtype=np.int64)
     for j in order:
         # the replica that finishes item j earliest: its load plus the item's work on its group
-        m = min(range(len(replicas)), key=lambda r: (load[r] + item_work[gidx[replicas[r].group.name], j], r))
-        load[m] += item_work[gidx[replicas[m].group.name], j]
+        m = min(range(len(replicas)), key=lambda r: (load[r] + item_work[gidx[r], j], r))
+        load[m] += item_work[gidx[m], j]
         assign[items[j]] = m
-        runs[m].append(items[j])
-    return assign, runs
+    return assign
 
 
 def grouped_order(idx: np.ndarray, groups: PrefixGroups, work: np.ndarray, output: np.ndarray) -> np.ndarray:
@@ -144,15 +144,14 @@ def grouped_order(idx: np.ndarray, groups: PrefixGroups, work: np.ndarray, outpu
     return idx[np.lexsort((idx, -output[idx], rank[inv]))]
 
 
-def finish_estimates(cluster: ClusterSpec, prompt: np.ndarray, output: np.ndarray, groups: PrefixGroups,
+def finish_estimates(cluster: ClusterSpec, items: list[np.ndarray], item_work: np.ndarray,
                      assign: np.ndarray) -> np.ndarray:
-    """Each replica's estimated finish under ``assign`` (the items' model): for the plan's report."""
-    items, item_work = prefix_items(cluster, prompt, output, groups)
+    """Each replica's estimated finish under ``assign`` (the items' model, an item on its first
+    request's replica): for the plan's report."""
     replicas = cluster.replicas()
-    gidx = {g.name: k for k, g in enumerate(cluster.groups)}
+    gidx = [{g.name: k for k, g in enumerate(cluster.groups)}[r.group.name] for r in replicas]
     out = np.zeros(len(replicas))
     for j, it in enumerate(items):
         m = int(assign[it[0]])
-        out[m] += item_work[gidx[replicas[m].group.name], j]
+        out[m] += item_work[gidx[m], j]
     return out
-

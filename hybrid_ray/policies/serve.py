@@ -75,14 +75,23 @@ class ServeDispatcher:
         out: list[tuple[Sequence, int]] = []
         live = [r.index for r in loads]
         while self.queue:
-            target = self._choose(live)
+            s = self.queue[0]
+            target = self._choose_for(s, live)
             if target is None:
-                break                             # every replica is full: wait for a completion
-            s = self.queue.popleft()
+                break                             # no replica takes it yet: wait for a completion
+            self.queue.popleft()
             self.ongoing[target] = self.ongoing.get(target, 0) + 1
             self.placed[s.id] = target
+            self._routed(s, target)
             out.append((s, target))
         return out
+
+    def _choose_for(self, s: Sequence, live: list[int]) -> int | None:
+        """The replica that takes ``s`` now (None: none yet); Serve's default router ignores the request."""
+        return self._choose(live)
+
+    def _routed(self, s: Sequence, target: int) -> None:
+        """Hears each placement (a router that keeps state on what went where)."""
 
     def _accepts(self, i: int) -> bool:
         return self.ongoing.get(i, 0) < self.max_ongoing.get(i, 1)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 
 from ..prefix_cache import HASH_BLOCK_TOKENS as HASH_BLOCK, chain_hashes
-from ..replica import LoadReport, Sequence
+from ..replica import Sequence
 from .serve import ServeDispatcher
 
 MATCH_RATE_THRESHOLD = 0.1       # PrefixCacheAffinityRouter.initialize_state's default
@@ -44,31 +44,20 @@ class PrefixAffinityDispatcher(ServeDispatcher):
         self.tenants: dict[int, set[int]] = {}      # chain key -> replicas whose tree holds that prefix
         self.size: dict[int, int] = {}              # replica -> tokens in its tree (the tenant's chars)
         self.prefix_routed = 0                      # requests sent by a match (for the report)
+        self._chains: dict[str, list[int]] = {}     # request id -> its chain, until it is routed
 
-    def _dispatch(self, loads: list[LoadReport]) -> list[tuple[Sequence, int]]:
-        out: list[tuple[Sequence, int]] = []
-        live = [r.index for r in loads]
-        for i in live:
-            self.size.setdefault(i, 0)
-        while self.queue:
-            s = self.queue[0]
-            target = self._choose_for(s, live)
-            if target is None:
-                break                                # its replicas are full: wait for a completion
-            self.queue.popleft()
-            self.ongoing[target] = self.ongoing.get(target, 0) + 1
-            self.placed[s.id] = target
-            self._insert(s, target)
-            out.append((s, target))
-        return out
+    def _chain(self, s: Sequence) -> list[int]:
+        """The request's chained block keys (one per hash id): prefix k's key depends on ids 0..k.
+        Kept from its routing decision until it is routed (the head of the queue may wait)."""
+        chain = self._chains.get(s.id)
+        if chain is None:
+            chain = self._chains[s.id] = chain_hashes(s.req.hash_ids or ())
+        return chain
 
-    @staticmethod
-    def _chain(s: Sequence) -> list[int]:
-        """The request's chained block keys (one per hash id): prefix k's key depends on ids 0..k."""
-        return chain_hashes(s.req.hash_ids or ())
-
-    def _insert(self, s: Sequence, target: int) -> None:
+    def _routed(self, s: Sequence, target: int) -> None:
+        """Insert ``s``'s text under ``target`` in the tree (Serve's ``on_request_routed``)."""
         chain = self._chain(s)
+        del self._chains[s.id]
         new = 0
         for k, key in enumerate(chain):
             holders = self.tenants.setdefault(key, set())
@@ -81,8 +70,11 @@ class PrefixAffinityDispatcher(ServeDispatcher):
     def _choose_for(self, s: Sequence, live: list[int]) -> int | None:
         if not any(self._accepts(i) for i in live):
             return None
+        for i in live:
+            self.size.setdefault(i, 0)
         queue = {i: self.ongoing.get(i, 0) for i in live}
         chosen: list[int] = []
+        by_match = False
         if max(queue.values()) - min(queue.values()) <= self.imbalanced_threshold:
             chain = self._chain(s)
             matched, holders = 0, set(live)
@@ -93,9 +85,9 @@ class PrefixAffinityDispatcher(ServeDispatcher):
                 holders &= h
                 matched = min((k + 1) * HASH_BLOCK, s.req.prompt_tokens)
             rate = matched / max(1, s.req.prompt_tokens)
-            if matched and rate >= self.match_rate_threshold:
+            by_match = bool(matched) and rate >= self.match_rate_threshold
+            if by_match:
                 chosen = sorted(holders)
-                self.prefix_routed += 1
             else:
                 least = min(self.size[i] for i in live)
                 chosen = [i for i in live if self.size[i] == least]
@@ -103,5 +95,6 @@ class PrefixAffinityDispatcher(ServeDispatcher):
             ok = [i for i in chosen if self._accepts(i)]
             if not ok:
                 return None                          # Serve retries the same choice with backoff
+            self.prefix_routed += by_match
             return min(ok, key=lambda i: (queue[i], i))
         return self._choose(live)
